@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run every test of the project on a fresh machine of this kind: installs what
+# the tests need (idempotently), then lint, unit and integration tests, and the
+# conformance tests with real LiveKit clients in a network namespace.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+
+step() { printf '\n=== %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------
+need_apt=()
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v curl >/dev/null || need_apt+=(curl)
+if ((${#need_apt[@]})); then
+    step "apt-get install ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}"
+fi
+
+# --- Python venv for the real LiveKit SDK ----------------------------------
+venv="$root/.venv"
+req="$root/tests/python/requirements.txt"
+stamp="$venv/.requirements.sha256"
+if [[ ! -x "$venv/bin/python" ]]; then
+    step "python venv"
+    python3 -m venv "$venv"
+fi
+if [[ ! -f "$stamp" ]] || ! sha256sum --status -c "$stamp" 2>/dev/null; then
+    step "pip install -r tests/python/requirements.txt"
+    "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"
+    sha256sum "$req" > "$stamp"
+fi
+
+# --- Rust ----------------------------------------------------------------------
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+step "cargo build"
+cargo build --workspace --all-targets
+step "cargo test"
+cargo test --workspace
+
+# --- Real clients ----------------------------------------------------------
+step "conformance: LiveKit Python SDK"
+MOSELLE_BIN="$root/target/debug/moselle" tests/python/run.sh -q
+
+echo
+echo "all tests passed"

@@ -1,0 +1,158 @@
+//! Configuration: the embedded default, an optional TOML file, CLI overrides.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The default config, compiled in so `moselle serve` needs no file.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/moselle.toml");
+
+/// The API key and secret `--dev` adds, as LiveKit's dev mode does.
+pub const DEV_KEY: &str = "devkey";
+pub const DEV_SECRET: &str = "secret";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub keys: HashMap<String, String>,
+    pub room: RoomConfig,
+    pub rtc: RtcConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub bind: IpAddr,
+    pub http_port: u16,
+    pub udp_port: u16,
+    #[serde(default)]
+    pub node_ips: Vec<IpAddr>,
+    pub node_id: String,
+    pub jurisdiction: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomConfig {
+    pub auto_create: bool,
+    pub empty_timeout_secs: u64,
+    pub departure_timeout_secs: u64,
+    pub max_participants: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtcConfig {
+    pub pli_throttle_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {source}")]
+    Parse {
+        origin: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Self::parse(EMBEDDED_DEFAULT, "(embedded default)")
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Checks that need the whole config, after CLI overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.keys.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no API keys: add a [keys] table (key = \"secret\") or run with --dev".into(),
+            ));
+        }
+        for (k, s) in &self.keys {
+            if k.is_empty() || s.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "API keys and secrets must not be empty".into(),
+                ));
+            }
+        }
+        let j = &self.server.jurisdiction;
+        if j.len() != 2 || !j.chars().all(|c| c.is_ascii_uppercase()) {
+            return Err(ConfigError::Invalid(format!(
+                "server.jurisdiction must be an ISO 3166-1 alpha-2 code like \"LU\", got {j:?}"
+            )));
+        }
+        if self.server.udp_port == 0 {
+            return Err(ConfigError::Invalid(
+                "server.udp_port must be a fixed port".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_with_livekit_ports() {
+        let c = Config::embedded().unwrap();
+        assert_eq!(c.server.http_port, 7880);
+        assert_eq!(c.server.udp_port, 7882);
+        assert!(c.room.auto_create);
+        assert_eq!(c.server.jurisdiction, "LU");
+    }
+
+    #[test]
+    fn no_keys_is_a_clear_error() {
+        let c = Config::embedded().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--dev"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let text = EMBEDDED_DEFAULT.replace("[rtc]", "[rtc]\nbogus = 1");
+        assert!(Config::parse(&text, "t").is_err());
+    }
+}

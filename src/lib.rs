@@ -1,0 +1,11 @@
+//! Moselle: a selective forwarding unit for Matrix calls that speaks the
+//! LiveKit protocol. See DESIGN.md in the project's shared folder.
+
+pub mod config;
+pub mod http;
+pub mod media;
+pub mod metrics;
+pub mod netinfo;
+pub mod server;
+
+pub use moselle_signaling as signaling;

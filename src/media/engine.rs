@@ -1,0 +1,1687 @@
+//! The media engine: one thread owning the UDP socket, every room, every
+//! participant and every str0m peer connection. Signaling reaches it through
+//! a command channel; it answers through each participant's outbound queue.
+//!
+//! Why one thread: a room's forwarding then needs no locks, and a packet is
+//! received, rewritten and queued for every subscriber without a task hop.
+//! Datagrams are read and written in batches (recvmmsg/sendmmsg).
+
+// LiveKit marks TrackInfo fields deprecated that current clients still read.
+#![allow(deprecated)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
+use lk::signal_response::Message as Resp;
+use moselle_signaling::backend::{JoinTicket, OutboundTx, Outgoing, Refusal};
+use moselle_signaling::ids;
+use moselle_signaling::join::Flavor;
+use slab::Slab;
+use str0m::change::SdpOffer;
+use str0m::media::{KeyframeRequestKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+
+use super::forward::{layer_for_size, Forwarder, Layer, Verdict};
+use super::keyframe::VideoCodec;
+use super::participant::{Participant, Peer, PendingTrack, SendSlot, SlotState, Sub};
+use super::room::{now_ms, Room, Track, MAX_LAYERS};
+use super::sdp::{self, Dir, Kind, SendSlotView};
+use super::udp::{Datagram, UdpIo, UdpTx};
+use crate::metrics::MediaCounters;
+
+/// The LiveKit server version we present: clients gate features on it
+/// (RPC needs >= 1.8.0).
+pub const COMPAT_VERSION: &str = "1.9.0";
+/// LiveKit signaling protocol level we implement.
+pub const PROTOCOL_VERSION: i32 = 16;
+const PING_INTERVAL: i32 = 5;
+const PING_TIMEOUT: i32 = 15;
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// Datagram batches read before commands get a turn.
+const BATCHES_PER_TURN: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub node_id: String,
+    pub jurisdiction: String,
+    /// Host candidates announced to clients.
+    pub candidates: Vec<SocketAddr>,
+    pub auto_create: bool,
+    pub empty_timeout_secs: u64,
+    pub departure_timeout_secs: u64,
+    pub max_participants: u32,
+    pub pli_throttle: Duration,
+}
+
+pub enum Command {
+    Join {
+        ticket: Box<JoinTicket>,
+        out: OutboundTx,
+        reply: oneshot::Sender<Result<(usize, u64), Refusal>>,
+    },
+    Signal {
+        key: usize,
+        gen: u64,
+        msg: Box<Req>,
+    },
+    /// The participant's socket is gone.
+    Closed {
+        key: usize,
+        gen: u64,
+    },
+}
+
+/// Room names currently open, readable from other threads (for `/validate`).
+pub type Directory = Arc<RwLock<HashSet<String>>>;
+
+struct Core {
+    cfg: EngineConfig,
+    tx: UdpTx,
+    rooms: Slab<Room>,
+    room_by_name: HashMap<String, usize>,
+    parts: Slab<Participant>,
+    by_ufrag: HashMap<String, usize>,
+    by_addr: HashMap<SocketAddr, usize>,
+    /// Participants whose str0m state changed and must be polled.
+    dirty: Vec<usize>,
+    is_dirty: Vec<bool>,
+    events: Vec<Event>,
+    counters: Arc<MediaCounters>,
+    directory: Directory,
+    next_gen: u64,
+    next_housekeeping: Instant,
+    // Batched counter updates, published once per loop turn.
+    n_rtp_in: u64,
+    n_fwd: u64,
+    n_fwd_bytes: u64,
+}
+
+/// Run the engine on the current thread until the command channel closes.
+pub fn run(
+    cfg: EngineConfig,
+    udp: UdpIo,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    counters: Arc<MediaCounters>,
+    directory: Directory,
+) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let UdpIo { socket, mut rx, tx } = udp;
+    let mut core = Core {
+        cfg,
+        tx,
+        rooms: Slab::new(),
+        room_by_name: HashMap::new(),
+        parts: Slab::new(),
+        by_ufrag: HashMap::new(),
+        by_addr: HashMap::new(),
+        dirty: Vec::new(),
+        is_dirty: Vec::new(),
+        events: Vec::with_capacity(64),
+        counters,
+        directory,
+        next_gen: 1,
+        next_housekeeping: Instant::now() + HOUSEKEEPING,
+        n_rtp_in: 0,
+        n_fwd: 0,
+        n_fwd_bytes: 0,
+    };
+    rt.block_on(async move {
+        // The AsyncFd owns the socket, so its fd outlives the registration
+        // and the rx/tx halves that use it.
+        #[allow(deprecated)]
+        let afd = AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)?;
+        loop {
+            let deadline = core.next_deadline();
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(c) => core.command(c),
+                    None => break,
+                },
+                guard = afd.readable() => {
+                    let mut guard = guard?;
+                    let mut drained = false;
+                    for _ in 0..BATCHES_PER_TURN {
+                        let n = match rx.recv_batch() {
+                            Ok(n) => n,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "media socket receive failed");
+                                0
+                            }
+                        };
+                        if n == 0 {
+                            drained = true;
+                            break;
+                        }
+                        let now = Instant::now();
+                        for i in 0..n {
+                            core.datagram(rx.datagram(i), now);
+                        }
+                        MediaCounters::add(&core.counters.udp_datagrams_in, n as u64);
+                        core.flush();
+                    }
+                    if drained {
+                        guard.clear_ready();
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {},
+            }
+            core.timeouts(Instant::now());
+            core.flush();
+        }
+        drop(afd);
+        Ok::<(), std::io::Error>(())
+    })
+}
+
+/// The local ICE ufrag a STUN binding request is addressed to.
+fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
+    // Header: type(2) length(2) cookie(4) transaction(12).
+    if data.len() < 20 || data[0] & 0xc0 != 0 || data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    let mut i = 20;
+    while i + 4 <= data.len() {
+        let typ = u16::from_be_bytes([data[i], data[i + 1]]);
+        let len = u16::from_be_bytes([data[i + 2], data[i + 3]]) as usize;
+        let val = data.get(i + 4..i + 4 + len)?;
+        if typ == 0x0006 {
+            let user = std::str::from_utf8(val).ok()?;
+            return user.split(':').next();
+        }
+        i += 4 + len.div_ceil(4) * 4;
+    }
+    None
+}
+
+fn refusal(status: StatusCode, reason: &'static str, msg: impl Into<String>) -> Refusal {
+    Refusal::new(status, reason, msg)
+}
+
+fn error_to(p: &mut Participant, reason: lk::request_response::Reason, message: String) {
+    p.send(Resp::RequestResponse(lk::RequestResponse {
+        reason: reason as i32,
+        message,
+        ..Default::default()
+    }));
+}
+
+fn quality_layer(q: i32, top: Layer) -> Option<Layer> {
+    match lk::VideoQuality::try_from(q) {
+        Ok(lk::VideoQuality::Low) => Some(0),
+        Ok(lk::VideoQuality::Medium) => Some(1.min(top)),
+        Ok(lk::VideoQuality::High) => Some(top),
+        Ok(lk::VideoQuality::Off) => None,
+        Err(_) => Some(top),
+    }
+}
+
+impl Core {
+    fn next_deadline(&self) -> Instant {
+        let mut d = self.next_housekeeping;
+        for (_, p) in self.parts.iter() {
+            d = d.min(p.peer.next_timeout);
+        }
+        d
+    }
+
+    fn mark_dirty(dirty: &mut Vec<usize>, is_dirty: &mut Vec<bool>, key: usize) {
+        if is_dirty.len() <= key {
+            is_dirty.resize(key + 1, false);
+        }
+        if !is_dirty[key] {
+            is_dirty[key] = true;
+            dirty.push(key);
+        }
+    }
+
+    // ---------------------------------------------------------------- UDP
+
+    fn datagram(&mut self, d: Datagram<'_>, now: Instant) {
+        let key = match self.by_addr.get(&d.source) {
+            Some(k) => *k,
+            None => {
+                let Some(k) = stun_local_ufrag(d.data)
+                    .and_then(|u| self.by_ufrag.get(u))
+                    .copied()
+                else {
+                    MediaCounters::add(&self.counters.udp_unroutable, 1);
+                    return;
+                };
+                if let Some(p) = self.parts.get_mut(k) {
+                    p.peer.remote_addrs.push(d.source);
+                }
+                self.by_addr.insert(d.source, k);
+                k
+            }
+        };
+        let Some(p) = self.parts.get_mut(key) else {
+            self.by_addr.remove(&d.source);
+            MediaCounters::add(&self.counters.udp_unroutable, 1);
+            return;
+        };
+        let Ok(contents) = d.data.try_into() else {
+            MediaCounters::add(&self.counters.udp_rejected, 1);
+            return;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source: d.source,
+                destination: d.destination,
+                contents,
+            },
+        );
+        if let Err(e) = p.peer.rtc.handle_input(input) {
+            tracing::debug!(participant = %p.sid, error = %e, "peer rejected a datagram");
+            MediaCounters::add(&self.counters.udp_rejected, 1);
+        }
+        self.poll(key, now);
+    }
+
+    /// Drain one participant's str0m output: transmit, then handle events.
+    fn poll(&mut self, key: usize, now: Instant) {
+        let mut events = std::mem::take(&mut self.events);
+        {
+            let Some(p) = self.parts.get_mut(key) else {
+                return;
+            };
+            loop {
+                if !p.peer.rtc.is_alive() {
+                    p.peer.next_timeout = now;
+                    break;
+                }
+                match p.peer.rtc.poll_output() {
+                    Ok(Output::Transmit(t)) => self.tx.send(t.source, t.destination, &t.contents),
+                    Ok(Output::Timeout(t)) => {
+                        p.peer.next_timeout = t;
+                        break;
+                    }
+                    Ok(Output::Event(e)) => events.push(e),
+                    Err(e) => {
+                        tracing::info!(participant = %p.sid, error = %e, "peer connection failed");
+                        p.peer.rtc.disconnect();
+                        p.peer.next_timeout = now;
+                        break;
+                    }
+                }
+            }
+        }
+        for e in events.drain(..) {
+            self.event(key, e, now);
+        }
+        self.events = events;
+    }
+
+    fn flush(&mut self) {
+        let now = Instant::now();
+        while let Some(k) = self.dirty.pop() {
+            if let Some(f) = self.is_dirty.get_mut(k) {
+                *f = false;
+            }
+            self.poll(k, now);
+        }
+        self.tx.flush();
+        let c = &self.counters;
+        MediaCounters::add(&c.rtp_packets_in, std::mem::take(&mut self.n_rtp_in));
+        MediaCounters::add(&c.rtp_packets_forwarded, std::mem::take(&mut self.n_fwd));
+        MediaCounters::add(
+            &c.rtp_bytes_forwarded,
+            std::mem::take(&mut self.n_fwd_bytes),
+        );
+        MediaCounters::set(&c.udp_send_drops, self.tx.send_drops);
+    }
+
+    fn timeouts(&mut self, now: Instant) {
+        let due: Vec<usize> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| p.peer.next_timeout <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for k in due {
+            if let Some(p) = self.parts.get_mut(k) {
+                if p.peer.rtc.is_alive() {
+                    if let Err(e) = p.peer.rtc.handle_input(Input::Timeout(now)) {
+                        tracing::debug!(error = %e, "timeout handling failed");
+                    }
+                }
+            }
+            self.poll(k, now);
+        }
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + HOUSEKEEPING;
+            self.housekeeping(now);
+        }
+    }
+
+    fn event(&mut self, key: usize, e: Event, now: Instant) {
+        match e {
+            Event::RtpPacket(pkt) => self.forward(key, pkt, now),
+            Event::KeyframeRequest(req) => {
+                let Some(p) = self.parts.get(key) else { return };
+                let Some(sk) = p.sub_for_mid(&req.mid.to_string()) else {
+                    return;
+                };
+                let (track, layer) = {
+                    let s = &p.subs[sk];
+                    (s.track, s.fwd.current().unwrap_or(s.fwd.target))
+                };
+                let room = p.room;
+                self.request_keyframe(room, track, layer, now);
+            }
+            Event::IceConnectionStateChange(s) => {
+                if let Some(p) = self.parts.get(key) {
+                    tracing::debug!(participant = %p.sid, state = ?s, "ice state");
+                }
+            }
+            Event::Connected => {
+                if let Some(p) = self.parts.get_mut(key) {
+                    tracing::info!(participant = %p.sid, "media connected");
+                    if p.state != lk::participant_info::State::Active {
+                        p.state = lk::participant_info::State::Active;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ------------------------------------------------------- forwarding
+
+    /// The per-packet path: find the track, decide per subscriber, queue.
+    fn forward(&mut self, key: usize, pkt: RtpPacket, now: Instant) {
+        self.n_rtp_in += 1;
+        let Core {
+            parts,
+            rooms,
+            dirty,
+            is_dirty,
+            n_fwd,
+            n_fwd_bytes,
+            ..
+        } = self;
+        let Some(p) = parts.get_mut(key) else { return };
+        let room_key = p.room;
+        let Some(room) = rooms.get_mut(room_key) else {
+            return;
+        };
+        let ssrc = pkt.header.ssrc;
+        let (tk, layer) = match p.peer.route(ssrc) {
+            Some(r) => r,
+            None => {
+                // First packet of this SSRC: ask str0m which m-line and rid.
+                let mut api = p.peer.rtc.direct_api();
+                let Some(rx) = api.stream_rx(&ssrc) else {
+                    return;
+                };
+                let mid = rx.mid().to_string();
+                let rid = rx.rid().map(|r| r.to_string());
+                let Some(tk) = p
+                    .published
+                    .iter()
+                    .copied()
+                    .find(|t| room.tracks.get(*t).is_some_and(|t| t.mid == mid))
+                else {
+                    return;
+                };
+                let track = &mut room.tracks[tk];
+                let layer = track.layer_of_rid(rid.as_deref());
+                if (layer as usize) < MAX_LAYERS {
+                    track.layer_ssrc[layer as usize] = Some(ssrc);
+                }
+                p.peer.rx_routes.push((ssrc, tk, layer));
+                (tk, layer)
+            }
+        };
+        let Some(track) = room.tracks.get_mut(tk) else {
+            return;
+        };
+        if track.kind == Kind::Audio {
+            if let Some(level) = pkt.header.ext_vals.audio_level {
+                track.meter.observe(level);
+            }
+        }
+        let keyframe =
+            track.kind == Kind::Video && track.video_codec.is_keyframe_start(&pkt.payload);
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            video_orientation: pkt.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        let mut want_keyframe: Option<Layer> = None;
+        for &(sp, sk) in &track.subscribers {
+            let Some(subp) = parts.get_mut(sp) else {
+                continue;
+            };
+            let Some(sub) = subp.subs.get_mut(sk) else {
+                continue;
+            };
+            if !sub.live || sub.disabled {
+                continue;
+            }
+            match sub
+                .fwd
+                .on_packet(layer, *pkt.seq_no, pkt.header.timestamp, keyframe, now)
+            {
+                Verdict::Drop => {
+                    if sub.fwd.wants_keyframe() {
+                        want_keyframe = Some(sub.fwd.target);
+                    }
+                }
+                Verdict::Forward { seq, ts } => {
+                    let (Some(mid), Some(pt)) = (sub.mid, sub.map_pt(*pkt.header.payload_type))
+                    else {
+                        continue;
+                    };
+                    let mut api = subp.peer.rtc.direct_api();
+                    let Some(stx) = api.stream_tx_by_mid(mid, None) else {
+                        continue;
+                    };
+                    let w = RtpWrite::new(
+                        pt.into(),
+                        SeqNo::from(seq),
+                        ts,
+                        pkt.timestamp,
+                        pkt.payload.clone(),
+                    )
+                    .marker(pkt.header.marker)
+                    .ext_vals(ext.clone())
+                    .nackable(sub.kind == Kind::Video);
+                    stx.write_rtp(w);
+                    *n_fwd += 1;
+                    *n_fwd_bytes += pkt.payload.len() as u64;
+                    Self::mark_dirty(dirty, is_dirty, sp);
+                }
+            }
+        }
+        if let Some(l) = want_keyframe {
+            self.request_keyframe(room_key, tk, l, now);
+        }
+    }
+
+    /// Ask a publisher for a keyframe on one layer, at most once per
+    /// throttle interval.
+    fn request_keyframe(&mut self, room: usize, track: usize, layer: Layer, now: Instant) {
+        let Some(t) = self
+            .rooms
+            .get_mut(room)
+            .and_then(|r| r.tracks.get_mut(track))
+        else {
+            return;
+        };
+        if t.kind != Kind::Video {
+            return;
+        }
+        let l = (layer as usize).min(MAX_LAYERS - 1);
+        if t.last_keyframe_request[l]
+            .is_some_and(|at| now.duration_since(at) < self.cfg.pli_throttle)
+        {
+            return;
+        }
+        let Some(ssrc) = t.layer_ssrc[l] else { return };
+        t.last_keyframe_request[l] = Some(now);
+        let publisher = t.publisher;
+        if let Some(p) = self.parts.get_mut(publisher) {
+            let mut api = p.peer.rtc.direct_api();
+            if let Some(rx) = api.stream_rx(&ssrc) {
+                rx.request_keyframe(KeyframeRequestKind::Pli);
+                MediaCounters::add(&self.counters.keyframe_requests, 1);
+                Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, publisher);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- commands
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Join { ticket, out, reply } => {
+                let r = self.join(*ticket, out);
+                let _ = reply.send(r);
+            }
+            Command::Signal { key, gen, msg } => {
+                if self.parts.get(key).is_some_and(|p| p.gen == gen) {
+                    self.signal(key, *msg);
+                }
+            }
+            Command::Closed { key, gen } => {
+                if self.parts.get(key).is_some_and(|p| p.gen == gen) {
+                    self.remove_participant(key, None);
+                }
+            }
+        }
+        self.reap_broken();
+    }
+
+    fn new_rtc(&self) -> Rtc {
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true)
+            .build(Instant::now());
+        for a in &self.cfg.candidates {
+            match Candidate::host(*a, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(error = %e, "bad host candidate"),
+            }
+        }
+        rtc
+    }
+
+    fn join(&mut self, ticket: JoinTicket, out: OutboundTx) -> Result<(usize, u64), Refusal> {
+        let JoinTicket { claims, options } = ticket;
+        let grant = claims.video().clone();
+        if options.flavor == Flavor::DualPc {
+            return Err(refusal(
+                StatusCode::NOT_FOUND,
+                "dual_pc_unsupported",
+                "this server speaks single peer connection signaling at /rtc/v1",
+            ));
+        }
+        if options.reconnect {
+            // Resume is not offered yet: the client must rejoin.
+            let _ = out.try_send(Outgoing::Signal(Box::new(Resp::Leave(lk::LeaveRequest {
+                reason: lk::DisconnectReason::StateMismatch as i32,
+                action: lk::leave_request::Action::Reconnect as i32,
+                can_reconnect: true,
+                ..Default::default()
+            }))));
+            let _ = out.try_send(Outgoing::Close);
+            return Ok((usize::MAX, 0));
+        }
+        let room_key = match self.room_by_name.get(&grant.room) {
+            Some(k) => *k,
+            None if self.cfg.auto_create => self.create_room(&grant.room),
+            None => {
+                return Err(refusal(
+                    StatusCode::NOT_FOUND,
+                    "room_not_found",
+                    "requested room does not exist",
+                ))
+            }
+        };
+        // Same identity again: the newer session replaces the older one.
+        let dup = self.rooms[room_key]
+            .participants
+            .iter()
+            .copied()
+            .find(|k| self.parts.get(*k).is_some_and(|p| p.identity == claims.sub));
+        if let Some(old) = dup {
+            self.remove_participant(old, Some(lk::DisconnectReason::DuplicateIdentity));
+        }
+        let max = self.cfg.max_participants;
+        if max > 0 && self.rooms[room_key].participants.len() as u32 >= max {
+            return Err(refusal(StatusCode::FORBIDDEN, "room_full", "room is full"));
+        }
+
+        let mut rtc = self.new_rtc();
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let permission = lk::ParticipantPermission {
+            can_subscribe: grant.can_subscribe(),
+            can_publish: grant.can_publish(),
+            can_publish_data: grant.can_publish_data(),
+            can_publish_sources: grant
+                .can_publish_sources
+                .iter()
+                .filter_map(|s| match s.as_str() {
+                    "camera" => Some(lk::TrackSource::Camera as i32),
+                    "microphone" => Some(lk::TrackSource::Microphone as i32),
+                    "screen_share" => Some(lk::TrackSource::ScreenShare as i32),
+                    "screen_share_audio" => Some(lk::TrackSource::ScreenShareAudio as i32),
+                    _ => None,
+                })
+                .collect(),
+            hidden: grant.hidden,
+            can_update_metadata: grant.can_update_own_metadata.unwrap_or(false),
+            ..Default::default()
+        };
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let p = Participant {
+            gen,
+            sid: ids::participant_sid(),
+            identity: claims.sub.clone(),
+            name: claims.name.clone(),
+            metadata: options.metadata.clone().unwrap_or(claims.metadata.clone()),
+            attributes: if options.attributes.is_empty() {
+                claims.attributes.clone()
+            } else {
+                options.attributes.clone()
+            },
+            room: room_key,
+            grant,
+            permission,
+            state: lk::participant_info::State::Joined,
+            version: 1,
+            joined_at_ms: now_ms(),
+            out,
+            flavor: options.flavor,
+            protocol: options.protocol,
+            auto_subscribe: options.auto_subscribe,
+            peer: Peer {
+                rtc,
+                ufrag: ufrag.clone(),
+                next_timeout: Instant::now(),
+                remote_addrs: Vec::new(),
+                rx_routes: Vec::new(),
+                offer: Default::default(),
+                answer: Default::default(),
+            },
+            pending_tracks: Vec::new(),
+            published: Vec::new(),
+            subs: Slab::new(),
+            slots: Vec::new(),
+            reoffer_requested: false,
+            broken: false,
+        };
+        let key = self.parts.insert(p);
+        self.by_ufrag.insert(ufrag, key);
+        let room = &mut self.rooms[room_key];
+        room.participants.push(key);
+        room.empty_since = None;
+        MediaCounters::set(&self.counters.participants, self.parts.len() as u64);
+
+        // JoinResponse first, as every client requires.
+        let others: Vec<lk::ParticipantInfo> = room
+            .participants
+            .iter()
+            .filter(|k| **k != key)
+            .filter_map(|k| self.parts.get(*k))
+            .filter(|p| !p.permission.hidden)
+            .map(|p| p.info(&room.tracks))
+            .collect();
+        let jr = lk::JoinResponse {
+            room: Some(room.info()),
+            participant: Some(self.parts[key].info(&room.tracks)),
+            other_participants: others,
+            server_version: COMPAT_VERSION.into(),
+            server_info: Some(lk::ServerInfo {
+                edition: lk::server_info::Edition::Standard as i32,
+                version: COMPAT_VERSION.into(),
+                protocol: PROTOCOL_VERSION,
+                region: self.cfg.jurisdiction.clone(),
+                node_id: self.cfg.node_id.clone(),
+                debug_info: format!("moselle {}", env!("CARGO_PKG_VERSION")),
+                ..Default::default()
+            }),
+            subscriber_primary: false,
+            ping_interval: PING_INTERVAL,
+            ping_timeout: PING_TIMEOUT,
+            sif_trailer: room.sif_trailer.clone(),
+            server_region: self.cfg.jurisdiction.clone(),
+            ..Default::default()
+        };
+        self.parts[key].send(Resp::Join(jr));
+        tracing::info!(room = %self.rooms[room_key].name, participant = %self.parts[key].sid, "participant joined");
+
+        // Subscribe to what is already published, then answer the bundled
+        // offer so the first answer can already carry those tracks.
+        if self.parts[key].auto_subscribe && self.parts[key].permission.can_subscribe {
+            let tracks: Vec<usize> = self.rooms[room_key].tracks.iter().map(|(k, _)| k).collect();
+            for t in tracks {
+                self.add_sub(key, t, false);
+            }
+        }
+        if let Some(offer) = options.publisher_offer {
+            self.offer(key, offer);
+        }
+        self.broadcast_participant(key, false);
+        Ok((key, gen))
+    }
+
+    fn create_room(&mut self, name: &str) -> usize {
+        let mut sif = vec![0u8; 8];
+        rand::Rng::fill(&mut rand::rng(), &mut sif[..]);
+        let key = self.rooms.insert(Room {
+            sid: ids::room_sid(),
+            name: name.to_string(),
+            created_at: now_ms(),
+            participants: Vec::new(),
+            tracks: Slab::new(),
+            empty_since: None,
+            sif_trailer: sif,
+            speakers: Vec::new(),
+            departure_timeout_secs: self.cfg.departure_timeout_secs,
+            empty_timeout_secs: self.cfg.empty_timeout_secs,
+        });
+        self.room_by_name.insert(name.to_string(), key);
+        if let Ok(mut d) = self.directory.write() {
+            d.insert(name.to_string());
+        }
+        MediaCounters::set(&self.counters.rooms, self.rooms.len() as u64);
+        tracing::info!(room = %name, "room created");
+        key
+    }
+
+    fn signal(&mut self, key: usize, msg: Req) {
+        match msg {
+            Req::Offer(sd) => self.offer(key, sd),
+            Req::Answer(_) => {
+                // Single-PC clients never answer; nothing to do.
+            }
+            Req::Trickle(t) => self.trickle(key, t),
+            Req::AddTrack(a) => self.add_track(key, a),
+            Req::Mute(m) => self.mute(key, m),
+            Req::Subscription(s) => self.update_subscription(key, s),
+            Req::TrackSetting(s) => self.track_settings(key, s),
+            Req::Leave(_) => self.remove_participant(key, None),
+            Req::UpdateMetadata(m) => {
+                let Some(p) = self.parts.get_mut(key) else {
+                    return;
+                };
+                if !p.permission.can_update_metadata {
+                    error_to(
+                        p,
+                        lk::request_response::Reason::NotAllowed,
+                        "metadata updates are not granted".into(),
+                    );
+                    return;
+                }
+                p.metadata = m.metadata;
+                if !m.name.is_empty() {
+                    p.name = m.name;
+                }
+                p.attributes.extend(m.attributes);
+                self.broadcast_participant(key, true);
+            }
+            Req::SyncState(_)
+            | Req::Simulate(_)
+            | Req::UpdateLayers(_)
+            | Req::SubscriptionPermission(_) => {}
+            _ => {
+                let Some(p) = self.parts.get_mut(key) else {
+                    return;
+                };
+                MediaCounters::add(&self.counters.signal_errors, 1);
+                error_to(
+                    p,
+                    lk::request_response::Reason::UnsupportedType,
+                    "request not supported by this server".into(),
+                );
+            }
+        }
+    }
+
+    fn trickle(&mut self, key: usize, t: lk::TrickleRequest) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        #[derive(serde::Deserialize)]
+        struct Init {
+            candidate: String,
+        }
+        let Ok(init) = serde_json::from_str::<Init>(&t.candidate_init) else {
+            MediaCounters::add(&self.counters.signal_errors, 1);
+            error_to(
+                p,
+                lk::request_response::Reason::InvalidRequest,
+                "trickle candidate is not JSON RTCIceCandidateInit".into(),
+            );
+            return;
+        };
+        let line = init.candidate.trim();
+        if line.is_empty() {
+            return; // end of candidates
+        }
+        match Candidate::from_sdp_string(line) {
+            Ok(c) => p.peer.rtc.add_remote_candidate(c),
+            Err(_) => {
+                // Candidates we cannot use (mDNS, TCP) are harmless to skip.
+                tracing::debug!("unparseable remote candidate skipped");
+            }
+        }
+    }
+
+    // ------------------------------------------------------ publishing
+
+    fn add_track(&mut self, key: usize, a: lk::AddTrackRequest) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let refuse = |p: &mut Participant, counters: &MediaCounters, why: String| {
+            MediaCounters::add(&counters.signal_errors, 1);
+            error_to(p, lk::request_response::Reason::NotAllowed, why);
+        };
+        if !p.permission.can_publish {
+            refuse(
+                p,
+                &self.counters,
+                format!(
+                    "cannot publish track {:?}: the token does not grant canPublish",
+                    a.cid
+                ),
+            );
+            return;
+        }
+        if !p.source_allowed(a.source) {
+            refuse(
+                p,
+                &self.counters,
+                format!(
+                    "cannot publish track {:?}: source not in canPublishSources",
+                    a.cid
+                ),
+            );
+            return;
+        }
+        if a.cid.is_empty() || p.pending_tracks.iter().any(|t| t.cid == a.cid) {
+            refuse(
+                p,
+                &self.counters,
+                "AddTrackRequest needs a new, non-empty cid".into(),
+            );
+            return;
+        }
+        let kind = lk::TrackType::try_from(a.r#type).unwrap_or(lk::TrackType::Audio);
+        let mut layers = a.layers.clone();
+        if layers.is_empty() {
+            if let Some(sc) = a.simulcast_codecs.first() {
+                layers = sc.layers.clone();
+            }
+        }
+        for l in &mut layers {
+            if l.rid.is_empty() {
+                l.rid = match lk::VideoQuality::try_from(l.quality) {
+                    Ok(lk::VideoQuality::Low) => "q",
+                    Ok(lk::VideoQuality::Medium) => "h",
+                    _ => "f",
+                }
+                .into();
+            }
+        }
+        let info = lk::TrackInfo {
+            sid: ids::track_sid(),
+            name: a.name.clone(),
+            r#type: kind as i32,
+            muted: a.muted,
+            width: a.width,
+            height: a.height,
+            source: a.source,
+            layers,
+            disable_dtx: a.disable_dtx,
+            stereo: a.stereo,
+            disable_red: a.disable_red,
+            encryption: a.encryption,
+            stream: a.stream.clone(),
+            audio_features: a.audio_features.clone(),
+            codecs: a
+                .simulcast_codecs
+                .iter()
+                .map(|c| lk::SimulcastCodecInfo {
+                    mime_type: c.codec.clone(),
+                    cid: c.cid.clone(),
+                    layers: c.layers.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        p.send(Resp::TrackPublished(lk::TrackPublishedResponse {
+            cid: a.cid.clone(),
+            track: Some(info.clone()),
+        }));
+        p.pending_tracks.push(PendingTrack { cid: a.cid, info });
+    }
+
+    /// After an offer: bind announced tracks to their m-lines, drop tracks
+    /// whose m-line stopped sending.
+    fn reconcile_published(&mut self, key: usize) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let room_key = p.room;
+        let mut announce = Vec::new();
+        // Tracks that went away.
+        let mut gone = Vec::new();
+        for &tk in &p.published {
+            if let Some(t) = self.rooms[room_key].tracks.get(tk) {
+                let still =
+                    p.peer.offer.section(&t.mid).is_some_and(|s| {
+                        !s.disabled && matches!(s.dir, Dir::SendOnly | Dir::SendRecv)
+                    });
+                if !still {
+                    gone.push(tk);
+                }
+            }
+        }
+        // Newly bound tracks.
+        let mut i = 0;
+        while i < p.pending_tracks.len() {
+            let cid = p.pending_tracks[i].cid.clone();
+            let sec = p.peer.offer.sections.iter().find(|s| {
+                s.track_id.as_deref() == Some(cid.as_str())
+                    && !s.disabled
+                    && matches!(s.dir, Dir::SendOnly | Dir::SendRecv)
+            });
+            let Some(sec) = sec.cloned() else {
+                i += 1;
+                continue;
+            };
+            let pending = p.pending_tracks.swap_remove(i);
+            let codec = p.peer.answer.first_codec(&sec.mid).cloned();
+            let mut info = pending.info;
+            let kind = sec.kind;
+            info.mid = sec.mid.clone();
+            if let Some(c) = &codec {
+                info.mime_type = c.mime(kind);
+                if let Some(first) = info.codecs.first_mut() {
+                    first.mime_type = info.mime_type.clone();
+                    first.mid = sec.mid.clone();
+                } else {
+                    info.codecs.push(lk::SimulcastCodecInfo {
+                        mime_type: info.mime_type.clone(),
+                        mid: sec.mid.clone(),
+                        cid: pending.cid.clone(),
+                        layers: info.layers.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
+            // Layers in rid order q, h, f as offered.
+            let mut rids: Vec<String> = sec.rids.clone();
+            let order = |r: &str| match r {
+                "q" => 0,
+                "h" => 1,
+                "f" => 2,
+                _ => 3,
+            };
+            rids.sort_by_key(|r| order(r));
+            info.simulcast = rids.len() > 1;
+            let mut dims: Vec<(u32, u32)> = Vec::new();
+            for r in &rids {
+                let l = info.layers.iter().find(|l| &l.rid == r);
+                dims.push(
+                    l.map(|l| (l.width, l.height))
+                        .unwrap_or((info.width, info.height)),
+                );
+            }
+            for l in info.layers.iter_mut() {
+                if let Some(ix) = rids.iter().position(|r| *r == l.rid) {
+                    l.spatial_layer = ix as i32;
+                }
+            }
+            let video_codec = match codec.as_ref().map(|c| c.name.as_str()) {
+                Some("vp8") => VideoCodec::Vp8,
+                Some("h264") => VideoCodec::H264,
+                _ => VideoCodec::Other,
+            };
+            let track = Track {
+                sid: info.sid.clone(),
+                publisher: key,
+                kind,
+                info,
+                mid: sec.mid.clone(),
+                codec,
+                video_codec,
+                rids,
+                dims,
+                layer_ssrc: [None; MAX_LAYERS],
+                last_keyframe_request: [None; MAX_LAYERS],
+                subscribers: Vec::new(),
+                meter: Default::default(),
+            };
+            let tk = self.rooms[room_key].tracks.insert(track);
+            p.published.push(tk);
+            announce.push(tk);
+        }
+        let changed = !announce.is_empty() || !gone.is_empty();
+        for tk in gone {
+            self.unpublish(key, tk);
+        }
+        if changed {
+            MediaCounters::set(
+                &self.counters.tracks,
+                self.rooms.iter().map(|(_, r)| r.tracks.len() as u64).sum(),
+            );
+            self.broadcast_participant(key, true);
+        }
+        // Subscribe the others after they know the track (ParticipantUpdate first).
+        for tk in announce {
+            if let Some(t) = self.rooms[room_key].tracks.get(tk) {
+                tracing::info!(track = %t.sid, mime = %t.info.mime_type, layers = t.rids.len(), "track published");
+            }
+            let others: Vec<usize> = self.rooms[room_key]
+                .participants
+                .iter()
+                .copied()
+                .filter(|k| *k != key)
+                .collect();
+            for o in others {
+                let ok = self
+                    .parts
+                    .get(o)
+                    .is_some_and(|p| p.auto_subscribe && p.permission.can_subscribe);
+                if ok {
+                    self.add_sub(o, tk, true);
+                }
+            }
+        }
+    }
+
+    fn unpublish(&mut self, key: usize, tk: usize) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        p.published.retain(|t| *t != tk);
+        let room_key = p.room;
+        p.peer.rx_routes.retain(|r| r.1 != tk);
+        let Some(track) = self.rooms[room_key].tracks.try_remove(tk) else {
+            return;
+        };
+        tracing::info!(track = %track.sid, "track unpublished");
+        for (sp, sk) in track.subscribers {
+            self.drop_sub(sp, sk, true);
+        }
+    }
+
+    fn mute(&mut self, key: usize, m: lk::MuteTrackRequest) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let room = p.room;
+        let found = p.published.iter().copied().find(|t| {
+            self.rooms[room]
+                .tracks
+                .get(*t)
+                .is_some_and(|t| t.info.sid == m.sid)
+        });
+        if let Some(tk) = found {
+            let t = &mut self.rooms[room].tracks[tk];
+            if t.info.muted != m.muted {
+                t.info.muted = m.muted;
+                self.broadcast_participant(key, true);
+            }
+        } else if let Some(pt) = p.pending_tracks.iter_mut().find(|t| t.info.sid == m.sid) {
+            pt.info.muted = m.muted;
+        } else {
+            MediaCounters::add(&self.counters.signal_errors, 1);
+            error_to(
+                p,
+                lk::request_response::Reason::NotFound,
+                format!("no published track {:?}", m.sid),
+            );
+        }
+    }
+
+    // ---------------------------------------------------- subscribing
+
+    /// Subscribe `key` to room track `tk`. Negotiation follows on the
+    /// client's next offer; `renegotiate` asks for that offer now.
+    fn add_sub(&mut self, key: usize, tk: usize, renegotiate: bool) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        if p.sub_for_track(tk).is_some() || !p.permission.can_subscribe {
+            return;
+        }
+        let Some(t) = self.rooms[p.room].tracks.get_mut(tk) else {
+            return;
+        };
+        if t.publisher == key {
+            return;
+        }
+        let publisher_sid = self
+            .parts
+            .get(t.publisher)
+            .map(|x| x.sid.clone())
+            .unwrap_or_default();
+        let video = t.kind == Kind::Video;
+        let sub = Sub {
+            track: tk,
+            track_sid: t.sid.clone(),
+            publisher_sid,
+            kind: t.kind,
+            slot: None,
+            live: false,
+            disabled: false,
+            fwd: Forwarder::new(video, t.clock_rate(), t.top_layer()),
+            mid: None,
+            pt_map: Vec::new(),
+        };
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let sk = p.subs.insert(sub);
+        t.subscribers.push((key, sk));
+        if renegotiate {
+            self.request_reoffer(key);
+        }
+    }
+
+    fn drop_sub(&mut self, key: usize, sk: usize, renegotiate: bool) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let Some(sub) = p.subs.try_remove(sk) else {
+            return;
+        };
+        if let Some(slot) = sub.slot.and_then(|s| p.slots.get_mut(s)) {
+            slot.state = SlotState::Releasing;
+        }
+        if let Some(t) = self
+            .rooms
+            .get_mut(p.room)
+            .and_then(|r| r.tracks.get_mut(sub.track))
+        {
+            t.subscribers.retain(|x| *x != (key, sk));
+        }
+        if renegotiate {
+            self.request_reoffer(key);
+        }
+    }
+
+    /// Ask a single-PC client to offer again (and add receive m-lines if
+    /// it has too few free ones).
+    fn request_reoffer(&mut self, key: usize) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        if p.reoffer_requested || p.peer.answer.sections.is_empty() {
+            return;
+        }
+        let count = |k: Kind| {
+            let wanted = p
+                .subs
+                .iter()
+                .filter(|(_, s)| s.kind == k && s.slot.is_none())
+                .count();
+            let free = p
+                .slots
+                .iter()
+                .filter(|s| s.kind == k && s.state == SlotState::Free)
+                .count();
+            wanted.saturating_sub(free) as u32
+        };
+        let (num_audios, num_videos) = (count(Kind::Audio), count(Kind::Video));
+        p.reoffer_requested = true;
+        p.send(Resp::MediaSectionsRequirement(
+            lk::MediaSectionsRequirement {
+                num_audios,
+                num_videos,
+            },
+        ));
+    }
+
+    fn update_subscription(&mut self, key: usize, s: lk::UpdateSubscription) {
+        let Some(p) = self.parts.get(key) else { return };
+        let room = p.room;
+        let mut sids = s.track_sids;
+        for pt in s.participant_tracks {
+            sids.extend(pt.track_sids);
+        }
+        let mut changed = false;
+        for sid in sids {
+            let Some(tk) = self.rooms[room].track_by_sid(&sid) else {
+                continue;
+            };
+            let existing = self.parts.get(key).and_then(|p| p.sub_for_track(tk));
+            match (s.subscribe, existing) {
+                (true, None) => {
+                    self.add_sub(key, tk, false);
+                    changed = true;
+                }
+                (false, Some(sk)) => {
+                    self.drop_sub(key, sk, false);
+                    changed = true;
+                }
+                _ => {}
+            }
+        }
+        if changed {
+            self.request_reoffer(key);
+        }
+    }
+
+    fn track_settings(&mut self, key: usize, s: lk::UpdateTrackSettings) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let room = p.room;
+        let mut need_kf = Vec::new();
+        for sid in &s.track_sids {
+            let Some((_, sub)) = p.subs.iter_mut().find(|(_, x)| &x.track_sid == sid) else {
+                continue;
+            };
+            let Some(t) = self.rooms[room].tracks.get(sub.track) else {
+                continue;
+            };
+            let top = t.top_layer();
+            let target = if s.width > 0 || s.height > 0 {
+                Some(layer_for_size(&t.dims, s.width, s.height))
+            } else {
+                quality_layer(s.quality, top)
+            };
+            sub.disabled = s.disabled || target.is_none();
+            if let Some(l) = target {
+                let l = l.min(top);
+                if sub.fwd.target != l {
+                    sub.fwd.target = l;
+                    need_kf.push((sub.track, l));
+                }
+            }
+        }
+        let now = Instant::now();
+        for (tk, l) in need_kf {
+            self.request_keyframe(room, tk, l, now);
+        }
+    }
+
+    // ------------------------------------------------------ negotiation
+
+    fn offer(&mut self, key: usize, sd: lk::SessionDescription) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let offer = match SdpOffer::from_sdp_string(&sd.sdp) {
+            Ok(o) => o,
+            Err(e) => {
+                MediaCounters::add(&self.counters.sdp_errors, 1);
+                error_to(
+                    p,
+                    lk::request_response::Reason::InvalidRequest,
+                    format!("invalid SDP offer: {e}"),
+                );
+                return;
+            }
+        };
+        let answer = match p.peer.rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a,
+            Err(e) => {
+                MediaCounters::add(&self.counters.sdp_errors, 1);
+                error_to(
+                    p,
+                    lk::request_response::Reason::InvalidRequest,
+                    format!("SDP offer refused: {e}"),
+                );
+                if !p.peer.rtc.is_alive() {
+                    self.remove_participant(key, Some(lk::DisconnectReason::StateMismatch));
+                }
+                return;
+            }
+        };
+        let answer_text = answer.to_sdp_string();
+        p.peer.offer = sdp::parse(&sd.sdp);
+        p.peer.answer = sdp::parse(&answer_text);
+        p.reoffer_requested = false;
+        self.reconcile_published(key);
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+
+        // Our send slots are the client's receive m-lines.
+        let mut slots: Vec<SendSlot> = Vec::new();
+        for s in &p.peer.answer.sections {
+            if s.kind == Kind::Application
+                || s.disabled
+                || !matches!(s.dir, Dir::SendOnly | Dir::SendRecv)
+            {
+                continue;
+            }
+            let prev = p.slots.iter().find(|x| x.mid == s.mid).map(|x| x.state);
+            slots.push(SendSlot {
+                mid: s.mid.clone(),
+                kind: s.kind,
+                state: prev.unwrap_or(SlotState::Free),
+            });
+        }
+        // Subscriptions whose slot vanished go back to waiting.
+        for (_, sub) in p.subs.iter_mut() {
+            if let Some(si) = sub.slot {
+                let mid = p.slots.get(si).map(|s| s.mid.clone());
+                sub.slot = mid.and_then(|m| slots.iter().position(|s| s.mid == m));
+                if sub.slot.is_none() {
+                    sub.live = false;
+                }
+            }
+        }
+        p.slots = slots;
+        // Assign waiting subscriptions to free slots of their kind.
+        let waiting: Vec<usize> = p
+            .subs
+            .iter()
+            .filter(|(_, s)| s.slot.is_none())
+            .map(|(k, _)| k)
+            .collect();
+        for sk in waiting {
+            let kind = p.subs[sk].kind;
+            if let Some(si) = p
+                .slots
+                .iter()
+                .position(|s| s.kind == kind && s.state == SlotState::Free)
+            {
+                p.slots[si].state = SlotState::Assigned(sk);
+                p.subs[sk].slot = Some(si);
+            }
+        }
+        let room = p.room;
+        let mut mid_to_track_id = HashMap::new();
+        let munged = {
+            let subs = &p.subs;
+            let slots = &p.slots;
+            let mut names: HashMap<String, (String, String)> = HashMap::new();
+            for s in slots {
+                if let SlotState::Assigned(sk) = s.state {
+                    if let Some(sub) = subs.get(sk) {
+                        names.insert(
+                            s.mid.clone(),
+                            (
+                                format!("{}|{}", sub.publisher_sid, sub.track_sid),
+                                sub.track_sid.clone(),
+                            ),
+                        );
+                        mid_to_track_id.insert(s.mid.clone(), sub.track_sid.clone());
+                    }
+                }
+            }
+            sdp::munge_answer(&answer_text, |mid| {
+                let slot = slots.iter().find(|s| s.mid == mid)?;
+                match slot.state {
+                    SlotState::Assigned(_) => names
+                        .get(mid)
+                        .map(|(stream, track)| SendSlotView::Track { stream, track }),
+                    _ => Some(SendSlotView::Inactive),
+                }
+            })
+        };
+        for s in p.slots.iter_mut() {
+            if s.state == SlotState::Releasing {
+                s.state = SlotState::Free;
+            }
+        }
+        // Make assigned subscriptions live: first gather what they need
+        // from their publishers, then update them.
+        let pending: Vec<(usize, String, usize)> = p
+            .slots
+            .iter()
+            .filter_map(|s| match s.state {
+                SlotState::Assigned(sk) if p.subs.get(sk).is_some_and(|x| !x.live) => {
+                    Some((sk, s.mid.clone(), p.subs[sk].track))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut ready = Vec::new();
+        for (sk, mid, tk) in pending {
+            let Some(t) = self.rooms[room].tracks.get(tk) else {
+                continue;
+            };
+            let Some(pubp) = self.parts.get(t.publisher) else {
+                continue;
+            };
+            let Some(me) = self.parts.get(key) else {
+                return;
+            };
+            // Publisher payload types -> ours, by codec.
+            let mut map = Vec::new();
+            if let Some(sec) = pubp.peer.answer.section(&t.mid) {
+                for pt in &sec.pts {
+                    if let Some(c) = pubp.peer.answer.codecs.get(pt) {
+                        if let Some(ours) = me.peer.answer.pt_for(c) {
+                            map.push((*pt, ours));
+                        }
+                    }
+                }
+            }
+            ready.push((sk, mid, tk, map, t.kind, t.clock_rate()));
+        }
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let mut kf = Vec::new();
+        for (sk, mid, tk, map, kind, clock) in ready {
+            let Some(sub) = p.subs.get_mut(sk) else {
+                continue;
+            };
+            sub.pt_map = map;
+            sub.mid = Some(Mid::from(mid.as_str()));
+            sub.live = true;
+            sub.fwd = Forwarder::new(kind == Kind::Video, clock, sub.fwd.target);
+            if kind == Kind::Video {
+                kf.push((tk, sub.fwd.target));
+            }
+        }
+        let still_waiting = p.subs.iter().any(|(_, s)| s.slot.is_none());
+        tracing::trace!(participant = %p.sid, offer = %sd.sdp, answer = %munged, "negotiated");
+        p.send(Resp::Answer(lk::SessionDescription {
+            r#type: "answer".into(),
+            sdp: munged,
+            id: sd.id,
+            mid_to_track_id,
+        }));
+        if still_waiting {
+            self.request_reoffer(key);
+        }
+        let now = Instant::now();
+        for (tk, l) in kf {
+            self.request_keyframe(room, tk, l, now);
+        }
+        Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
+    }
+
+    // ------------------------------------------------ participant state
+
+    fn broadcast_participant(&mut self, key: usize, bump: bool) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        if bump {
+            p.version += 1;
+        }
+        let room = p.room;
+        let info = p.info(&self.rooms[room].tracks);
+        if p.permission.hidden {
+            return;
+        }
+        let members: Vec<usize> = self.rooms[room].participants.clone();
+        for m in members {
+            if let Some(o) = self.parts.get_mut(m) {
+                o.send(Resp::Update(lk::ParticipantUpdate {
+                    participants: vec![info.clone()],
+                }));
+            }
+        }
+    }
+
+    fn remove_participant(&mut self, key: usize, reason: Option<lk::DisconnectReason>) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let room_key = p.room;
+        if let Some(r) = reason {
+            p.send(Resp::Leave(lk::LeaveRequest {
+                reason: r as i32,
+                action: lk::leave_request::Action::Disconnect as i32,
+                ..Default::default()
+            }));
+        }
+        let _ = p.out.try_send(Outgoing::Close);
+        p.peer.rtc.disconnect();
+        tracing::info!(participant = %p.sid, reason = ?reason, "participant left");
+        for tk in p.published.clone() {
+            self.unpublish(key, tk);
+        }
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let subs: Vec<usize> = p.subs.iter().map(|(k, _)| k).collect();
+        for sk in subs {
+            self.drop_sub(key, sk, false);
+        }
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        p.state = lk::participant_info::State::Disconnected;
+        p.version += 1;
+        let info = p.info(&self.rooms[room_key].tracks);
+        let hidden = p.permission.hidden;
+        let p = self.parts.remove(key);
+        self.by_ufrag.remove(&p.peer.ufrag);
+        for a in &p.peer.remote_addrs {
+            if self.by_addr.get(a) == Some(&key) {
+                self.by_addr.remove(a);
+            }
+        }
+        if let Some(f) = self.is_dirty.get_mut(key) {
+            *f = false;
+        }
+        self.dirty.retain(|k| *k != key);
+        let room = &mut self.rooms[room_key];
+        room.participants.retain(|k| *k != key);
+        if room.participants.is_empty() {
+            room.empty_since = Some(Instant::now());
+        }
+        if !hidden {
+            for m in room.participants.clone() {
+                if let Some(o) = self.parts.get_mut(m) {
+                    o.send(Resp::Update(lk::ParticipantUpdate {
+                        participants: vec![info.clone()],
+                    }));
+                }
+            }
+        }
+        MediaCounters::set(&self.counters.participants, self.parts.len() as u64);
+        MediaCounters::set(
+            &self.counters.tracks,
+            self.rooms.iter().map(|(_, r)| r.tracks.len() as u64).sum(),
+        );
+    }
+
+    fn reap_broken(&mut self) {
+        let broken: Vec<usize> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| p.broken || !p.peer.rtc.is_alive())
+            .map(|(k, _)| k)
+            .collect();
+        for k in broken {
+            self.remove_participant(k, None);
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        self.reap_broken();
+        // Active speakers per room, as deltas.
+        let room_keys: Vec<usize> = self.rooms.iter().map(|(k, _)| k).collect();
+        for rk in room_keys {
+            let mut changed = Vec::new();
+            {
+                let room = &mut self.rooms[rk];
+                let mut per_participant: HashMap<usize, (bool, f32)> = HashMap::new();
+                let mut any_change = false;
+                for (_, t) in room.tracks.iter_mut() {
+                    if t.kind != Kind::Audio {
+                        continue;
+                    }
+                    any_change |= t.meter.close_window();
+                    let e = per_participant.entry(t.publisher).or_insert((false, 0.0));
+                    e.0 |= t.meter.active;
+                    e.1 = e.1.max(t.meter.level);
+                }
+                if any_change {
+                    for (pk, (active, level)) in per_participant {
+                        let Some(p) = self.parts.get(pk) else {
+                            continue;
+                        };
+                        let was = room.speakers.iter().position(|s| s.0 == p.sid);
+                        match (active, was) {
+                            (true, None) => {
+                                room.speakers.push((p.sid.clone(), level));
+                                changed.push(lk::SpeakerInfo {
+                                    sid: p.sid.clone(),
+                                    level,
+                                    active: true,
+                                });
+                            }
+                            (true, Some(i)) => {
+                                room.speakers[i].1 = level;
+                                changed.push(lk::SpeakerInfo {
+                                    sid: p.sid.clone(),
+                                    level,
+                                    active: true,
+                                });
+                            }
+                            (false, Some(i)) => {
+                                room.speakers.remove(i);
+                                changed.push(lk::SpeakerInfo {
+                                    sid: p.sid.clone(),
+                                    level: 0.0,
+                                    active: false,
+                                });
+                            }
+                            (false, None) => {}
+                        }
+                    }
+                }
+            }
+            if !changed.is_empty() {
+                for m in self.rooms[rk].participants.clone() {
+                    if let Some(o) = self.parts.get_mut(m) {
+                        o.send(Resp::SpeakersChanged(lk::SpeakersChanged {
+                            speakers: changed.clone(),
+                        }));
+                    }
+                }
+            }
+        }
+        // Close rooms that stayed empty.
+        let closing: Vec<usize> = self
+            .rooms
+            .iter()
+            .filter(|(_, r)| {
+                r.participants.is_empty()
+                    && r.empty_since.is_some_and(|t| {
+                        now.duration_since(t) >= Duration::from_secs(r.departure_timeout_secs)
+                    })
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for rk in closing {
+            let r = self.rooms.remove(rk);
+            self.room_by_name.remove(&r.name);
+            if let Ok(mut d) = self.directory.write() {
+                d.remove(&r.name);
+            }
+            tracing::info!(room = %r.name, "room closed");
+        }
+        MediaCounters::set(&self.counters.rooms, self.rooms.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stun_username_is_found_and_garbage_is_not() {
+        let mut m = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
+        m.extend_from_slice(&[7u8; 12]);
+        m.extend_from_slice(&[0x00, 0x06, 0x00, 0x07]);
+        m.extend_from_slice(b"abc:xyz\0");
+        assert_eq!(stun_local_ufrag(&m), Some("abc"));
+        assert_eq!(stun_local_ufrag(&m[..22]), None);
+        assert_eq!(
+            stun_local_ufrag(b"garbage that is long enough to parse"),
+            None
+        );
+        assert_eq!(stun_local_ufrag(&[]), None);
+    }
+}

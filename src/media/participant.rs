@@ -1,0 +1,178 @@
+//! A participant: its peer connection, what it publishes and what it
+//! subscribes to. Owned by the engine thread.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use livekit_protocol as lk;
+use moselle_signaling::backend::{OutboundTx, Outgoing};
+use moselle_signaling::join::Flavor;
+use moselle_signaling::token::VideoGrant;
+use slab::Slab;
+use str0m::rtp::Ssrc;
+use str0m::Rtc;
+
+use super::forward::{Forwarder, Layer};
+use super::sdp::{Kind, SdpInfo};
+
+/// One str0m peer connection.
+pub struct Peer {
+    pub rtc: Rtc,
+    pub ufrag: String,
+    pub next_timeout: Instant,
+    /// Remote addresses seen, so the demux maps can be cleaned on leave.
+    pub remote_addrs: Vec<SocketAddr>,
+    /// Incoming SSRC -> (room track key, layer); a handful of entries.
+    pub rx_routes: Vec<(Ssrc, usize, Layer)>,
+    /// The last remote offer and our answer, as read from their text.
+    pub offer: SdpInfo,
+    pub answer: SdpInfo,
+}
+
+impl Peer {
+    #[inline]
+    pub fn route(&self, ssrc: Ssrc) -> Option<(usize, Layer)> {
+        self.rx_routes
+            .iter()
+            .find(|r| r.0 == ssrc)
+            .map(|r| (r.1, r.2))
+    }
+}
+
+/// Announced with AddTrackRequest, waiting for its m-line in an offer.
+pub struct PendingTrack {
+    pub cid: String,
+    pub info: lk::TrackInfo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    Free,
+    Assigned(usize),
+    /// Was carrying a track; free once an answer has marked it inactive.
+    Releasing,
+}
+
+/// One of the client's receive m-lines, which we may send on.
+pub struct SendSlot {
+    pub mid: String,
+    pub kind: Kind,
+    pub state: SlotState,
+}
+
+/// One subscription: a room track forwarded to this participant.
+pub struct Sub {
+    pub track: usize,
+    pub track_sid: String,
+    pub publisher_sid: String,
+    pub kind: Kind,
+    pub slot: Option<usize>,
+    /// Negotiated: packets may flow.
+    pub live: bool,
+    pub disabled: bool,
+    pub fwd: Forwarder,
+    pub mid: Option<str0m::media::Mid>,
+    /// Publisher payload type -> ours.
+    pub pt_map: Vec<(u8, u8)>,
+}
+
+impl Sub {
+    #[inline]
+    pub fn map_pt(&self, pt: u8) -> Option<u8> {
+        self.pt_map.iter().find(|m| m.0 == pt).map(|m| m.1)
+    }
+}
+
+pub struct Participant {
+    pub gen: u64,
+    pub sid: String,
+    pub identity: String,
+    pub name: String,
+    pub metadata: String,
+    pub attributes: std::collections::HashMap<String, String>,
+    pub room: usize,
+    pub grant: VideoGrant,
+    pub permission: lk::ParticipantPermission,
+    pub state: lk::participant_info::State,
+    pub version: u32,
+    pub joined_at_ms: i64,
+    pub out: OutboundTx,
+    pub flavor: Flavor,
+    pub protocol: i32,
+    pub auto_subscribe: bool,
+    pub peer: Peer,
+    pub pending_tracks: Vec<PendingTrack>,
+    /// Room track keys this participant publishes.
+    pub published: Vec<usize>,
+    pub subs: Slab<Sub>,
+    pub slots: Vec<SendSlot>,
+    /// A MediaSectionsRequirement was sent; wait for the offer it causes.
+    pub reoffer_requested: bool,
+    /// Set when the outbound queue overflowed or closed.
+    pub broken: bool,
+}
+
+impl Participant {
+    /// Queue a message; a full queue marks the participant for removal.
+    pub fn send(&mut self, msg: lk::signal_response::Message) {
+        if self.broken {
+            return;
+        }
+        if self.out.try_send(Outgoing::Signal(Box::new(msg))).is_err() {
+            self.broken = true;
+        }
+    }
+
+    pub fn info(&self, tracks: &slab::Slab<super::room::Track>) -> lk::ParticipantInfo {
+        lk::ParticipantInfo {
+            sid: self.sid.clone(),
+            identity: self.identity.clone(),
+            name: self.name.clone(),
+            metadata: self.metadata.clone(),
+            attributes: self.attributes.clone(),
+            state: self.state as i32,
+            tracks: self
+                .published
+                .iter()
+                .filter_map(|k| tracks.get(*k))
+                .map(|t| t.info.clone())
+                .collect(),
+            joined_at: self.joined_at_ms / 1000,
+            joined_at_ms: self.joined_at_ms,
+            version: self.version,
+            permission: Some(self.permission.clone()),
+            is_publisher: !self.published.is_empty(),
+            ..Default::default()
+        }
+    }
+
+    pub fn sub_for_track(&self, track: usize) -> Option<usize> {
+        self.subs
+            .iter()
+            .find(|(_, s)| s.track == track)
+            .map(|(k, _)| k)
+    }
+
+    pub fn sub_for_mid(&self, mid: &str) -> Option<usize> {
+        let slot = self.slots.iter().find(|s| s.mid == mid)?;
+        match slot.state {
+            SlotState::Assigned(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    pub fn source_allowed(&self, source: i32) -> bool {
+        let allowed = &self.grant.can_publish_sources;
+        if allowed.is_empty() {
+            return true;
+        }
+        let name = match lk::TrackSource::try_from(source) {
+            Ok(lk::TrackSource::Camera) => "camera",
+            Ok(lk::TrackSource::Microphone) => "microphone",
+            Ok(lk::TrackSource::ScreenShare) => "screen_share",
+            Ok(lk::TrackSource::ScreenShareAudio) => "screen_share_audio",
+            _ => "unknown",
+        };
+        allowed.iter().any(|a| a == name)
+    }
+}

@@ -1,0 +1,315 @@
+//! The media UDP socket: batched receive (`recvmmsg`) and send (`sendmmsg`)
+//! with `IP_PKTINFO`, so one socket bound to 0.0.0.0 still knows which local
+//! address each packet came in on and answers from that address.
+//!
+//! Buffers are allocated once; a batch costs two syscalls and no allocation.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Datagrams per syscall.
+pub const BATCH: usize = 64;
+/// Largest datagram we take; WebRTC keeps well under this.
+pub const MAX_DATAGRAM: usize = 2048;
+const CMSG_SPACE: usize = 64;
+
+pub struct Datagram<'a> {
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub data: &'a [u8],
+}
+
+/// The socket and its two halves; the halves borrow independently so the
+/// receive batch can be read while answers are queued.
+pub struct UdpIo {
+    pub socket: std::net::UdpSocket,
+    pub rx: UdpRx,
+    pub tx: UdpTx,
+}
+
+pub struct UdpRx {
+    fd: RawFd,
+    port: u16,
+    bound_ip: Ipv4Addr,
+    rx_bufs: Box<[[u8; MAX_DATAGRAM]]>,
+    rx_names: Box<[libc::sockaddr_in]>,
+    rx_ctrl: Box<[[u8; CMSG_SPACE]]>,
+    rx_lens: [usize; BATCH],
+    rx_dst: [Ipv4Addr; BATCH],
+    rx_count: usize,
+}
+
+pub struct UdpTx {
+    fd: RawFd,
+    bound_ip: Ipv4Addr,
+    tx_bufs: Box<[[u8; MAX_DATAGRAM]]>,
+    tx_lens: [usize; BATCH],
+    tx_to: Box<[libc::sockaddr_in]>,
+    tx_from: [Ipv4Addr; BATCH],
+    tx_ctrl: Box<[[u8; CMSG_SPACE]]>,
+    tx_count: usize,
+    /// Datagrams the kernel would not take (full buffer) or that were too big.
+    pub send_drops: u64,
+}
+
+fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain old data; all-zero is valid.
+    let mut s: libc::sockaddr_in = unsafe { zeroed() };
+    s.sin_family = libc::AF_INET as libc::sa_family_t;
+    s.sin_port = a.port().to_be();
+    s.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+    s
+}
+
+fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
+        u16::from_be(s.sin_port),
+    ))
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: passing a valid pointer to an int of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const i32 as *const libc::c_void,
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl UdpIo {
+    /// Bind an IPv4 UDP socket (non-blocking, `IP_PKTINFO` on).
+    pub fn bind(ip: IpAddr, port: u16) -> io::Result<UdpIo> {
+        let IpAddr::V4(v4) = ip else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the media socket binds IPv4 addresses only",
+            ));
+        };
+        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(v4, port))?;
+        socket.set_nonblocking(true)?;
+        let fd = socket.as_raw_fd();
+        setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        // Bigger kernel buffers absorb bursts between batches; best effort.
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
+        let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 4 << 20);
+        let port = socket.local_addr()?.port();
+        // SAFETY: sockaddr_in is plain old data.
+        let zero_sa: libc::sockaddr_in = unsafe { zeroed() };
+        let rx = UdpRx {
+            fd,
+            port,
+            bound_ip: v4,
+            rx_bufs: vec![[0u8; MAX_DATAGRAM]; BATCH].into_boxed_slice(),
+            rx_names: vec![zero_sa; BATCH].into_boxed_slice(),
+            rx_ctrl: vec![[0u8; CMSG_SPACE]; BATCH].into_boxed_slice(),
+            rx_lens: [0; BATCH],
+            rx_dst: [Ipv4Addr::UNSPECIFIED; BATCH],
+            rx_count: 0,
+        };
+        let tx = UdpTx {
+            fd,
+            bound_ip: v4,
+            tx_bufs: vec![[0u8; MAX_DATAGRAM]; BATCH].into_boxed_slice(),
+            tx_lens: [0; BATCH],
+            tx_to: vec![zero_sa; BATCH].into_boxed_slice(),
+            tx_from: [Ipv4Addr::UNSPECIFIED; BATCH],
+            tx_ctrl: vec![[0u8; CMSG_SPACE]; BATCH].into_boxed_slice(),
+            tx_count: 0,
+            send_drops: 0,
+        };
+        Ok(UdpIo { socket, rx, tx })
+    }
+
+    pub fn local_port(&self) -> u16 {
+        self.rx.port
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+impl UdpRx {
+    /// Receive up to [`BATCH`] datagrams; `Ok(0)` when none are waiting.
+    pub fn recv_batch(&mut self) -> io::Result<usize> {
+        // SAFETY: every pointer below points into buffers owned by self that
+        // outlive the syscall; lengths match the buffers.
+        unsafe {
+            let mut iovs: [libc::iovec; BATCH] = zeroed();
+            let mut msgs: [libc::mmsghdr; BATCH] = zeroed();
+            for i in 0..BATCH {
+                iovs[i].iov_base = self.rx_bufs[i].as_mut_ptr() as *mut libc::c_void;
+                iovs[i].iov_len = MAX_DATAGRAM;
+                let h = &mut msgs[i].msg_hdr;
+                h.msg_name = &mut self.rx_names[i] as *mut _ as *mut libc::c_void;
+                h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                h.msg_iov = &mut iovs[i];
+                h.msg_iovlen = 1;
+                h.msg_control = self.rx_ctrl[i].as_mut_ptr() as *mut libc::c_void;
+                h.msg_controllen = CMSG_SPACE as _;
+            }
+            let n = libc::recvmmsg(
+                self.fd,
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            );
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                self.rx_count = 0;
+                return if e.kind() == io::ErrorKind::WouldBlock {
+                    Ok(0)
+                } else {
+                    Err(e)
+                };
+            }
+            let n = n as usize;
+            for (i, msg) in msgs.iter().enumerate().take(n) {
+                self.rx_lens[i] = msg.msg_len as usize;
+                self.rx_dst[i] = self.bound_ip;
+                let h = &msg.msg_hdr;
+                let mut c = libc::CMSG_FIRSTHDR(h);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_PKTINFO {
+                        let info = libc::CMSG_DATA(c) as *const libc::in_pktinfo;
+                        let info = std::ptr::read_unaligned(info);
+                        self.rx_dst[i] = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                    }
+                    c = libc::CMSG_NXTHDR(h, c);
+                }
+            }
+            self.rx_count = n;
+            Ok(n)
+        }
+    }
+
+    /// The `i`th datagram of the last batch.
+    pub fn datagram(&self, i: usize) -> Datagram<'_> {
+        Datagram {
+            source: from_sockaddr(&self.rx_names[i]),
+            destination: SocketAddr::new(IpAddr::V4(self.rx_dst[i]), self.port),
+            data: &self.rx_bufs[i][..self.rx_lens[i].min(MAX_DATAGRAM)],
+        }
+    }
+}
+
+impl UdpTx {
+    /// Queue a datagram; flushes by itself when the batch is full.
+    pub fn send(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) {
+        let (SocketAddr::V4(to), IpAddr::V4(from_ip)) = (to, from.ip()) else {
+            self.send_drops += 1;
+            return;
+        };
+        if data.len() > MAX_DATAGRAM {
+            self.send_drops += 1;
+            return;
+        }
+        if self.tx_count == BATCH {
+            self.flush();
+        }
+        let i = self.tx_count;
+        self.tx_bufs[i][..data.len()].copy_from_slice(data);
+        self.tx_lens[i] = data.len();
+        self.tx_to[i] = to_sockaddr(to);
+        self.tx_from[i] = from_ip;
+        self.tx_count += 1;
+    }
+
+    /// Send everything queued. Datagrams the kernel refuses are dropped
+    /// (and counted): UDP gives no delivery promise and we never block.
+    pub fn flush(&mut self) {
+        let mut start = 0;
+        while start < self.tx_count {
+            // SAFETY: as in recv_batch, pointers target buffers owned by self.
+            let sent = unsafe {
+                let mut iovs: [libc::iovec; BATCH] = zeroed();
+                let mut msgs: [libc::mmsghdr; BATCH] = zeroed();
+                let count = self.tx_count - start;
+                for k in 0..count {
+                    let i = start + k;
+                    iovs[k].iov_base = self.tx_bufs[i].as_mut_ptr() as *mut libc::c_void;
+                    iovs[k].iov_len = self.tx_lens[i];
+                    let h = &mut msgs[k].msg_hdr;
+                    h.msg_name = &mut self.tx_to[i] as *mut _ as *mut libc::c_void;
+                    h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                    h.msg_iov = &mut iovs[k];
+                    h.msg_iovlen = 1;
+                    if self.bound_ip.is_unspecified() && !self.tx_from[i].is_unspecified() {
+                        // Answer from the address the peer talks to.
+                        let ctrl = &mut self.tx_ctrl[i];
+                        ctrl.fill(0);
+                        h.msg_control = ctrl.as_mut_ptr() as *mut libc::c_void;
+                        h.msg_controllen =
+                            libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
+                        let c = libc::CMSG_FIRSTHDR(h);
+                        (*c).cmsg_level = libc::IPPROTO_IP;
+                        (*c).cmsg_type = libc::IP_PKTINFO;
+                        (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                        let mut info: libc::in_pktinfo = zeroed();
+                        info.ipi_spec_dst.s_addr = u32::from(self.tx_from[i]).to_be();
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(c) as *mut libc::in_pktinfo,
+                            info,
+                        );
+                    }
+                }
+                libc::sendmmsg(self.fd, msgs.as_mut_ptr(), count as u32, libc::MSG_DONTWAIT)
+            };
+            if sent <= 0 {
+                // Would block or failed: drop the rest of this batch.
+                self.send_drops += (self.tx_count - start) as u64;
+                break;
+            }
+            start += sent as usize;
+        }
+        self.tx_count = 0;
+    }
+
+    pub fn pending(&self) -> usize {
+        self.tx_count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_round_trip_reports_destination() {
+        let mut a = UdpIo::bind(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let a_addr: SocketAddr = format!("127.0.0.1:{}", a.local_port()).parse().unwrap();
+        for i in 0..3u8 {
+            b.send_to(&[i; 10], a_addr).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let n = a.rx.recv_batch().unwrap();
+        assert_eq!(n, 3);
+        let d = a.rx.datagram(2);
+        assert_eq!(d.data, &[2u8; 10]);
+        assert_eq!(d.destination, a_addr);
+        assert_eq!(d.source, b.local_addr().unwrap());
+        a.tx.send(a_addr, b.local_addr().unwrap(), b"pong");
+        a.tx.flush();
+        let mut buf = [0u8; 16];
+        b.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let (n, from) = b.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"pong");
+        assert_eq!(from, a_addr);
+        assert_eq!(a.rx.recv_batch().unwrap(), 0);
+    }
+}

@@ -1,0 +1,130 @@
+//! Counters and their Prometheus text exposition. The media thread adds to
+//! atomics (relaxed, no locks); `/metrics` reads them.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct MediaCounters {
+    pub udp_datagrams_in: AtomicU64,
+    pub udp_unroutable: AtomicU64,
+    pub udp_rejected: AtomicU64,
+    pub udp_send_drops: AtomicU64,
+    pub rtp_packets_in: AtomicU64,
+    pub rtp_packets_forwarded: AtomicU64,
+    pub rtp_bytes_forwarded: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+    pub sdp_errors: AtomicU64,
+    pub signal_errors: AtomicU64,
+    pub rooms: AtomicU64,
+    pub participants: AtomicU64,
+    pub tracks: AtomicU64,
+}
+
+impl MediaCounters {
+    #[inline]
+    pub fn add(c: &AtomicU64, n: u64) {
+        if n > 0 {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set(c: &AtomicU64, n: u64) {
+        c.store(n, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    fn snapshot(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+        let g = Self::get;
+        vec![
+            (
+                "udp_datagrams_in_total",
+                "counter",
+                "UDP datagrams received on the media port",
+                g(&self.udp_datagrams_in),
+            ),
+            (
+                "udp_unroutable_total",
+                "counter",
+                "UDP datagrams matching no peer (dropped)",
+                g(&self.udp_unroutable),
+            ),
+            (
+                "udp_rejected_total",
+                "counter",
+                "UDP datagrams a peer rejected as malformed (dropped)",
+                g(&self.udp_rejected),
+            ),
+            (
+                "udp_send_drops_total",
+                "counter",
+                "Outgoing datagrams the kernel did not take",
+                g(&self.udp_send_drops),
+            ),
+            (
+                "rtp_packets_in_total",
+                "counter",
+                "RTP packets received from publishers",
+                g(&self.rtp_packets_in),
+            ),
+            (
+                "rtp_packets_forwarded_total",
+                "counter",
+                "RTP packets forwarded to subscribers",
+                g(&self.rtp_packets_forwarded),
+            ),
+            (
+                "rtp_bytes_forwarded_total",
+                "counter",
+                "RTP payload bytes forwarded to subscribers",
+                g(&self.rtp_bytes_forwarded),
+            ),
+            (
+                "keyframe_requests_total",
+                "counter",
+                "Keyframe requests sent to publishers",
+                g(&self.keyframe_requests),
+            ),
+            (
+                "sdp_errors_total",
+                "counter",
+                "SDP offers or answers refused",
+                g(&self.sdp_errors),
+            ),
+            (
+                "signal_request_errors_total",
+                "counter",
+                "Signal requests refused (bad grant, unknown track, ...)",
+                g(&self.signal_errors),
+            ),
+            ("rooms", "gauge", "Open rooms", g(&self.rooms)),
+            (
+                "participants",
+                "gauge",
+                "Connected participants",
+                g(&self.participants),
+            ),
+            ("tracks", "gauge", "Published tracks", g(&self.tracks)),
+        ]
+    }
+}
+
+pub fn render(media: &MediaCounters, signal: &moselle_signaling::SignalCounters) -> String {
+    let mut s = String::new();
+    for (name, kind, help, v) in media.snapshot() {
+        let _ = writeln!(
+            s,
+            "# HELP moselle_{name} {help}\n# TYPE moselle_{name} {kind}\nmoselle_{name} {v}"
+        );
+    }
+    for (name, help, v) in signal.snapshot() {
+        let _ = writeln!(
+            s,
+            "# HELP moselle_{name} {help}\n# TYPE moselle_{name} counter\nmoselle_{name} {v}"
+        );
+    }
+    s
+}

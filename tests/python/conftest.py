@@ -1,0 +1,201 @@
+"""Pytest fixtures that run a Moselle server for the LiveKit SDK conformance tests.
+
+Server CLI contract:
+    $MOSELLE_BIN serve --dev --bind <HOST> --http-port <P> --udp-port <U>
+--dev means API key `devkey`, secret `secret`. Signaling is at ws://<HOST>:<P>,
+readiness at GET http://<HOST>:<P>/healthz (200 when ready). HOST is
+$MOSELLE_TEST_IP (set by run.sh), else 127.0.0.1.
+
+The whole pytest process is expected to run inside a network namespace that holds
+only `lo` (see run.sh), so libwebrtc gathers only loopback candidates.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from moselle_helpers import API_KEY, API_SECRET, make_token
+
+DEFAULT_BIN = "/work/main/target/debug/moselle"
+# libwebrtc gathers no candidates on loopback, so run.sh gives the namespace
+# one non-loopback address and both sides use it.
+HOST = os.environ.get("MOSELLE_TEST_IP", "127.0.0.1")
+HEALTH_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 80
+
+_server_key = pytest.StashKey["MoselleServer"]()
+
+
+@dataclass
+class MoselleServer:
+    proc: subprocess.Popen
+    http_port: int
+    udp_port: int
+    log_path: Path
+    api_key: str = API_KEY
+    api_secret: str = API_SECRET
+    cmd: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """LiveKit URL form, as given to rtc.Room.connect."""
+        return f"ws://{HOST}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    def token(self, identity: str, room: str, **grants) -> str:
+        return make_token(identity, room, api_key=self.api_key, api_secret=self.api_secret, **grants)
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError as e:
+            return f"<cannot read server log {self.log_path}: {e}>"
+        return "\n".join(lines[-n:])
+
+    def assert_alive(self) -> None:
+        rc = self.proc.poll()
+        if rc is not None:
+            pytest.fail(
+                f"moselle server exited with code {rc}; log {self.log_path} tail:\n{self.log_tail()}",
+                pytrace=False,
+            )
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _pick_ports() -> tuple[int, int]:
+    http_port = _free_port(socket.SOCK_STREAM)
+    for _ in range(20):
+        udp_port = _free_port(socket.SOCK_DGRAM)
+        if udp_port != http_port:
+            return http_port, udp_port
+    raise RuntimeError("could not pick distinct free ports")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: get SIGTERM if pytest dies (e.g. pytest-timeout's
+    # os._exit), so no server is left behind in the namespace.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def _wait_healthy(server: MoselleServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_err = "no attempt"
+    while time.monotonic() < deadline:
+        rc = server.proc.poll()
+        if rc is not None:
+            raise RuntimeError(f"moselle exited with code {rc} before becoming healthy")
+        try:
+            with urllib.request.urlopen(f"{server.http_url}/healthz", timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+                last_err = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as e:
+            last_err = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            last_err = repr(e)
+        time.sleep(0.1)
+    raise RuntimeError(f"GET /healthz not 200 within {timeout:.0f}s (last: {last_err})")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def moselle_server(request, tmp_path_factory) -> MoselleServer:
+    """Start `moselle serve --dev` on free ports; stop it at the end of the session."""
+    bin_path = os.environ.get("MOSELLE_BIN", DEFAULT_BIN)
+    if not (os.path.isfile(bin_path) and os.access(bin_path, os.X_OK)):
+        pytest.fail(
+            f"moselle binary not found or not executable: {bin_path!r} "
+            f"(build it with `cargo build`, or set MOSELLE_BIN)",
+            pytrace=False,
+        )
+
+    log_dir = tmp_path_factory.mktemp("moselle")
+    log_path = log_dir / "server.log"
+    http_port, udp_port = _pick_ports()
+    cmd = [
+        bin_path, "serve", "--dev", "--bind", HOST,
+        "--http-port", str(http_port), "--udp-port", str(udp_port),
+    ]
+    env = dict(os.environ)
+    env.setdefault("RUST_BACKTRACE", "1")
+    log_file = open(log_path, "wb")
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+        env=env, preexec_fn=_die_with_parent,
+    )
+    log_file.close()  # the child holds its own descriptor
+    server = MoselleServer(proc=proc, http_port=http_port, udp_port=udp_port, log_path=log_path, cmd=cmd)
+    request.config.stash[_server_key] = server
+
+    start_error = None
+    try:
+        _wait_healthy(server, HEALTH_TIMEOUT_S)
+    except RuntimeError as e:
+        start_error = str(e)
+    if start_error is not None:
+        _stop(proc)
+        pytest.fail(
+            f"moselle did not start: {start_error}\ncommand: {' '.join(cmd)}\n"
+            f"log {log_path} tail:\n{server.log_tail() or '<empty>'}",
+            pytrace=False,
+        )
+
+    sys.stderr.write(f"\n[moselle] {' '.join(cmd)} (pid {proc.pid}), log: {log_path}\n")
+    yield server
+    _stop(proc)
+
+
+@pytest.fixture
+def server(moselle_server: MoselleServer) -> MoselleServer:
+    """Per-test view of the session server; fails the test clearly if it has died."""
+    moselle_server.assert_alive()
+    yield moselle_server
+    moselle_server.assert_alive()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        srv = item.config.stash.get(_server_key, None)
+        if srv is not None:
+            status = "running" if srv.proc.poll() is None else f"exited with {srv.proc.returncode}"
+            rep.sections.append(
+                (f"moselle server log tail ({status}; {srv.log_path})", srv.log_tail())
+            )
