@@ -121,11 +121,6 @@ impl Config {
                 "server.jurisdiction must be an ISO 3166-1 alpha-2 code like \"LU\", got {j:?}"
             )));
         }
-        if self.server.udp_port == 0 {
-            return Err(ConfigError::Invalid(
-                "server.udp_port must be a fixed port".into(),
-            ));
-        }
         Ok(())
     }
 }
