@@ -32,7 +32,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::forward::{layer_for_size, Forwarder, Layer, Verdict};
 use super::keyframe::VideoCodec;
-use super::participant::{Participant, Peer, PendingTrack, SendSlot, SlotState, Sub};
+use super::participant::{
+    Participant, PcRole, Peer, PendingTrack, SendSlot, SlotState, Sub, SubscriberPeer,
+};
 use super::room::{now_ms, Room, Track, MAX_LAYERS};
 use super::sdp::{self, Dir, Kind, SendSlotView};
 use super::udp::{Datagram, UdpIo, UdpTx};
@@ -89,12 +91,13 @@ struct Core {
     rooms: Slab<Room>,
     room_by_name: HashMap<String, usize>,
     parts: Slab<Participant>,
-    by_ufrag: HashMap<String, usize>,
-    by_addr: HashMap<SocketAddr, usize>,
+    by_ufrag: HashMap<String, (usize, PcRole)>,
+    by_addr: HashMap<SocketAddr, (usize, PcRole)>,
     /// Participants whose str0m state changed and must be polled.
     dirty: Vec<usize>,
     is_dirty: Vec<bool>,
-    events: Vec<Event>,
+    events: Vec<(PcRole, Event)>,
+    due: Vec<usize>,
     counters: Arc<MediaCounters>,
     directory: Directory,
     next_gen: u64,
@@ -128,6 +131,7 @@ pub fn run(
         dirty: Vec::new(),
         is_dirty: Vec::new(),
         events: Vec::with_capacity(64),
+        due: Vec::new(),
         counters,
         directory,
         next_gen: 1,
@@ -205,6 +209,37 @@ fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
     None
 }
 
+/// Poll one peer connection until it has nothing more to say.
+fn drain(
+    peer: &mut Peer,
+    role: PcRole,
+    tx: &mut UdpTx,
+    events: &mut Vec<(PcRole, Event)>,
+    sid: &str,
+    now: Instant,
+) {
+    loop {
+        if !peer.rtc.is_alive() {
+            peer.next_timeout = now + Duration::from_secs(3600);
+            return;
+        }
+        match peer.rtc.poll_output() {
+            Ok(Output::Transmit(t)) => tx.send(t.source, t.destination, &t.contents),
+            Ok(Output::Timeout(t)) => {
+                peer.next_timeout = t;
+                return;
+            }
+            Ok(Output::Event(e)) => events.push((role, e)),
+            Err(e) => {
+                tracing::info!(participant = %sid, error = %e, "peer connection failed");
+                peer.rtc.disconnect();
+                peer.next_timeout = now;
+                return;
+            }
+        }
+    }
+}
+
 fn refusal(status: StatusCode, reason: &'static str, msg: impl Into<String>) -> Refusal {
     Refusal::new(status, reason, msg)
 }
@@ -232,6 +267,9 @@ impl Core {
         let mut d = self.next_housekeeping;
         for (_, p) in self.parts.iter() {
             d = d.min(p.peer.next_timeout);
+            if let Some(s) = &p.sub_peer {
+                d = d.min(s.peer.next_timeout);
+            }
         }
         d
     }
@@ -249,26 +287,33 @@ impl Core {
     // ---------------------------------------------------------------- UDP
 
     fn datagram(&mut self, d: Datagram<'_>, now: Instant) {
-        let key = match self.by_addr.get(&d.source) {
+        let (key, role) = match self.by_addr.get(&d.source) {
             Some(k) => *k,
             None => {
-                let Some(k) = stun_local_ufrag(d.data)
+                let Some((k, role)) = stun_local_ufrag(d.data)
                     .and_then(|u| self.by_ufrag.get(u))
                     .copied()
                 else {
                     MediaCounters::add(&self.counters.udp_unroutable, 1);
                     return;
                 };
-                if let Some(p) = self.parts.get_mut(k) {
-                    p.peer.remote_addrs.push(d.source);
+                if let Some(peer) = self.parts.get_mut(k).and_then(|p| p.peer_mut(role)) {
+                    peer.remote_addrs.push(d.source);
                 }
-                self.by_addr.insert(d.source, k);
-                k
+                self.by_addr.insert(d.source, (k, role));
+                (k, role)
             }
         };
         let Some(p) = self.parts.get_mut(key) else {
             self.by_addr.remove(&d.source);
             MediaCounters::add(&self.counters.udp_unroutable, 1);
+            return;
+        };
+        let sid = &p.sid;
+        let Some(peer) = (match role {
+            PcRole::Main => Some(&mut p.peer),
+            PcRole::Subscriber => p.sub_peer.as_mut().map(|s| &mut s.peer),
+        }) else {
             return;
         };
         let Ok(contents) = d.data.try_into() else {
@@ -284,8 +329,8 @@ impl Core {
                 contents,
             },
         );
-        if let Err(e) = p.peer.rtc.handle_input(input) {
-            tracing::debug!(participant = %p.sid, error = %e, "peer rejected a datagram");
+        if let Err(e) = peer.rtc.handle_input(input) {
+            tracing::debug!(participant = %sid, error = %e, "peer rejected a datagram");
             MediaCounters::add(&self.counters.udp_rejected, 1);
         }
         self.poll(key, now);
@@ -298,29 +343,28 @@ impl Core {
             let Some(p) = self.parts.get_mut(key) else {
                 return;
             };
-            loop {
-                if !p.peer.rtc.is_alive() {
-                    p.peer.next_timeout = now;
-                    break;
-                }
-                match p.peer.rtc.poll_output() {
-                    Ok(Output::Transmit(t)) => self.tx.send(t.source, t.destination, &t.contents),
-                    Ok(Output::Timeout(t)) => {
-                        p.peer.next_timeout = t;
-                        break;
-                    }
-                    Ok(Output::Event(e)) => events.push(e),
-                    Err(e) => {
-                        tracing::info!(participant = %p.sid, error = %e, "peer connection failed");
-                        p.peer.rtc.disconnect();
-                        p.peer.next_timeout = now;
-                        break;
-                    }
-                }
+            let sid = &p.sid;
+            drain(
+                &mut p.peer,
+                PcRole::Main,
+                &mut self.tx,
+                &mut events,
+                sid,
+                now,
+            );
+            if let Some(s) = p.sub_peer.as_mut() {
+                drain(
+                    &mut s.peer,
+                    PcRole::Subscriber,
+                    &mut self.tx,
+                    &mut events,
+                    sid,
+                    now,
+                );
             }
         }
-        for e in events.drain(..) {
-            self.event(key, e, now);
+        for (role, e) in events.drain(..) {
+            self.event(key, role, e, now);
         }
         self.events = events;
     }
@@ -345,31 +389,44 @@ impl Core {
     }
 
     fn timeouts(&mut self, now: Instant) {
-        let due: Vec<usize> = self
-            .parts
-            .iter()
-            .filter(|(_, p)| p.peer.next_timeout <= now)
-            .map(|(k, _)| k)
-            .collect();
-        for k in due {
+        let mut due = std::mem::take(&mut self.due);
+        due.extend(
+            self.parts
+                .iter()
+                .filter(|(_, p)| {
+                    p.peer.next_timeout <= now
+                        || p.sub_peer
+                            .as_ref()
+                            .is_some_and(|s| s.peer.next_timeout <= now)
+                })
+                .map(|(k, _)| k),
+        );
+        for &k in &due {
             if let Some(p) = self.parts.get_mut(k) {
-                if p.peer.rtc.is_alive() {
-                    if let Err(e) = p.peer.rtc.handle_input(Input::Timeout(now)) {
-                        tracing::debug!(error = %e, "timeout handling failed");
+                for peer in [Some(&mut p.peer), p.sub_peer.as_mut().map(|s| &mut s.peer)]
+                    .into_iter()
+                    .flatten()
+                {
+                    if peer.next_timeout <= now && peer.rtc.is_alive() {
+                        if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                            tracing::debug!(error = %e, "timeout handling failed");
+                        }
                     }
                 }
             }
             self.poll(k, now);
         }
+        due.clear();
+        self.due = due;
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING;
             self.housekeeping(now);
         }
     }
 
-    fn event(&mut self, key: usize, e: Event, now: Instant) {
+    fn event(&mut self, key: usize, role: PcRole, e: Event, now: Instant) {
         match e {
-            Event::RtpPacket(pkt) => self.forward(key, pkt, now),
+            Event::RtpPacket(pkt) if role == PcRole::Main => self.forward(key, pkt, now),
             Event::KeyframeRequest(req) => {
                 let Some(p) = self.parts.get(key) else { return };
                 let Some(sk) = p.sub_for_mid(&req.mid.to_string()) else {
@@ -467,7 +524,13 @@ impl Core {
             let Some(subp) = parts.get_mut(sp) else {
                 continue;
             };
-            let Some(sub) = subp.subs.get_mut(sk) else {
+            let Participant {
+                subs,
+                peer,
+                sub_peer,
+                ..
+            } = subp;
+            let Some(sub) = subs.get_mut(sk) else {
                 continue;
             };
             if !sub.live || sub.disabled {
@@ -487,7 +550,11 @@ impl Core {
                     else {
                         continue;
                     };
-                    let mut api = subp.peer.rtc.direct_api();
+                    let send_peer = match sub_peer {
+                        Some(s) => &mut s.peer,
+                        None => &mut *peer,
+                    };
+                    let mut api = send_peer.rtc.direct_api();
                     let Some(stx) = api.stream_tx_by_mid(mid, None) else {
                         continue;
                     };
@@ -590,13 +657,6 @@ impl Core {
     fn join(&mut self, ticket: JoinTicket, out: OutboundTx) -> Result<(usize, u64), Refusal> {
         let JoinTicket { claims, options } = ticket;
         let grant = claims.video().clone();
-        if options.flavor == Flavor::DualPc {
-            return Err(refusal(
-                StatusCode::NOT_FOUND,
-                "dual_pc_unsupported",
-                "this server speaks single peer connection signaling at /rtc/v1",
-            ));
-        }
         if options.reconnect {
             // Resume is not offered yet: the client must rejoin.
             let _ = out.try_send(Outgoing::Signal(Box::new(Resp::Leave(lk::LeaveRequest {
@@ -635,6 +695,19 @@ impl Core {
 
         let mut rtc = self.new_rtc();
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        // Dual PC: a second connection that we offer, for what it subscribes to.
+        let dual = options.flavor == Flavor::DualPc;
+        let sub_peer = dual.then(|| {
+            let mut rtc = self.new_rtc();
+            let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+            Box::new(SubscriberPeer {
+                peer: Peer::new(rtc, ufrag),
+                pending: None,
+                offer_id: 0,
+                renegotiate: false,
+                channels_added: false,
+            })
+        });
         let permission = lk::ParticipantPermission {
             can_subscribe: grant.can_subscribe(),
             can_publish: grant.can_publish(),
@@ -677,15 +750,8 @@ impl Core {
             flavor: options.flavor,
             protocol: options.protocol,
             auto_subscribe: options.auto_subscribe,
-            peer: Peer {
-                rtc,
-                ufrag: ufrag.clone(),
-                next_timeout: Instant::now(),
-                remote_addrs: Vec::new(),
-                rx_routes: Vec::new(),
-                offer: Default::default(),
-                answer: Default::default(),
-            },
+            peer: Peer::new(rtc, ufrag.clone()),
+            sub_peer,
             pending_tracks: Vec::new(),
             published: Vec::new(),
             subs: Slab::new(),
@@ -694,7 +760,11 @@ impl Core {
             broken: false,
         };
         let key = self.parts.insert(p);
-        self.by_ufrag.insert(ufrag, key);
+        self.by_ufrag.insert(ufrag, (key, PcRole::Main));
+        if let Some(sp) = &self.parts[key].sub_peer {
+            self.by_ufrag
+                .insert(sp.peer.ufrag.clone(), (key, PcRole::Subscriber));
+        }
         let room = &mut self.rooms[room_key];
         room.participants.push(key);
         room.empty_since = None;
@@ -723,7 +793,8 @@ impl Core {
                 debug_info: format!("moselle {}", env!("CARGO_PKG_VERSION")),
                 ..Default::default()
             }),
-            subscriber_primary: false,
+            // Dual PC: the client waits for our subscriber offer.
+            subscriber_primary: dual && self.parts[key].permission.can_subscribe,
             ping_interval: PING_INTERVAL,
             ping_timeout: PING_TIMEOUT,
             sif_trailer: room.sif_trailer.clone(),
@@ -731,7 +802,7 @@ impl Core {
             ..Default::default()
         };
         self.parts[key].send(Resp::Join(jr));
-        tracing::info!(room = %self.rooms[room_key].name, participant = %self.parts[key].sid, "participant joined");
+        tracing::info!(room = %self.rooms[room_key].name, participant = %self.parts[key].sid, dual_pc = dual, "participant joined");
 
         // Subscribe to what is already published, then answer the bundled
         // offer so the first answer can already carry those tracks.
@@ -743,6 +814,10 @@ impl Core {
         }
         if let Some(offer) = options.publisher_offer {
             self.offer(key, offer);
+        }
+        if dual {
+            // Offered even when empty: the client is connected when it is.
+            self.negotiate_subscriber(key);
         }
         self.broadcast_participant(key, false);
         Ok((key, gen))
@@ -775,9 +850,7 @@ impl Core {
     fn signal(&mut self, key: usize, msg: Req) {
         match msg {
             Req::Offer(sd) => self.offer(key, sd),
-            Req::Answer(_) => {
-                // Single-PC clients never answer; nothing to do.
-            }
+            Req::Answer(sd) => self.subscriber_answer(key, sd),
             Req::Trickle(t) => self.trickle(key, t),
             Req::AddTrack(a) => self.add_track(key, a),
             Req::Mute(m) => self.mute(key, m),
@@ -842,8 +915,13 @@ impl Core {
         if line.is_empty() {
             return; // end of candidates
         }
+        let to_subscriber = t.target == lk::SignalTarget::Subscriber as i32;
+        let peer = match (to_subscriber, p.sub_peer.as_mut()) {
+            (true, Some(s)) => &mut s.peer,
+            _ => &mut p.peer,
+        };
         match Candidate::from_sdp_string(line) {
-            Ok(c) => p.peer.rtc.add_remote_candidate(c),
+            Ok(c) => peer.rtc.add_remote_candidate(c),
             Err(_) => {
                 // Candidates we cannot use (mDNS, TCP) are harmless to skip.
                 tracing::debug!("unparseable remote candidate skipped");
@@ -955,7 +1033,7 @@ impl Core {
         for &tk in &p.published {
             if let Some(t) = self.rooms[room_key].tracks.get(tk) {
                 let still =
-                    p.peer.offer.section(&t.mid).is_some_and(|s| {
+                    p.peer.remote.section(&t.mid).is_some_and(|s| {
                         !s.disabled && matches!(s.dir, Dir::SendOnly | Dir::SendRecv)
                     });
                 if !still {
@@ -967,7 +1045,7 @@ impl Core {
         let mut i = 0;
         while i < p.pending_tracks.len() {
             let cid = p.pending_tracks[i].cid.clone();
-            let sec = p.peer.offer.sections.iter().find(|s| {
+            let sec = p.peer.remote.sections.iter().find(|s| {
                 s.track_id.as_deref() == Some(cid.as_str())
                     && !s.disabled
                     && matches!(s.dir, Dir::SendOnly | Dir::SendRecv)
@@ -977,7 +1055,7 @@ impl Core {
                 continue;
             };
             let pending = p.pending_tracks.swap_remove(i);
-            let codec = p.peer.answer.first_codec(&sec.mid).cloned();
+            let codec = p.peer.local.first_codec(&sec.mid).cloned();
             let mut info = pending.info;
             let kind = sec.kind;
             info.mid = sec.mid.clone();
@@ -1195,7 +1273,11 @@ impl Core {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
-        if p.reoffer_requested || p.peer.answer.sections.is_empty() {
+        if p.sub_peer.is_some() {
+            self.negotiate_subscriber(key);
+            return;
+        }
+        if p.reoffer_requested || p.peer.local.sections.is_empty() {
             return;
         }
         let count = |k: Kind| {
@@ -1319,9 +1401,23 @@ impl Core {
             }
         };
         let answer_text = answer.to_sdp_string();
-        p.peer.offer = sdp::parse(&sd.sdp);
-        p.peer.answer = sdp::parse(&answer_text);
+        p.peer.remote = sdp::parse(&sd.sdp);
+        p.peer.local = sdp::parse(&answer_text);
         p.reoffer_requested = false;
+        // Answer before announcing what the offer published: the publisher
+        // is then already sending when subscribers ask for keyframes.
+        if p.sub_peer.is_some() {
+            // Dual PC: this is the publisher connection; nothing to rewrite.
+            p.send(Resp::Answer(lk::SessionDescription {
+                r#type: "answer".into(),
+                sdp: answer_text,
+                id: sd.id,
+                mid_to_track_id: HashMap::new(),
+            }));
+            Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
+            self.reconcile_published(key);
+            return;
+        }
         self.reconcile_published(key);
         let Some(p) = self.parts.get_mut(key) else {
             return;
@@ -1329,7 +1425,7 @@ impl Core {
 
         // Our send slots are the client's receive m-lines.
         let mut slots: Vec<SendSlot> = Vec::new();
-        for s in &p.peer.answer.sections {
+        for s in &p.peer.local.sections {
             if s.kind == Kind::Application
                 || s.disabled
                 || !matches!(s.dir, Dir::SendOnly | Dir::SendRecv)
@@ -1372,7 +1468,6 @@ impl Core {
                 p.subs[sk].slot = Some(si);
             }
         }
-        let room = p.room;
         let mut mid_to_track_id = HashMap::new();
         let munged = {
             let subs = &p.subs;
@@ -1407,6 +1502,27 @@ impl Core {
                 s.state = SlotState::Free;
             }
         }
+        let still_waiting = p.subs.iter().any(|(_, s)| s.slot.is_none());
+        tracing::trace!(participant = %p.sid, offer = %sd.sdp, answer = %munged, "negotiated");
+        p.send(Resp::Answer(lk::SessionDescription {
+            r#type: "answer".into(),
+            sdp: munged,
+            id: sd.id,
+            mid_to_track_id,
+        }));
+        self.activate_subs(key);
+        if still_waiting {
+            self.request_reoffer(key);
+        }
+        Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
+    }
+
+    /// Subscriptions whose m-line was just negotiated start flowing.
+    fn activate_subs(&mut self, key: usize) {
+        let Some(p) = self.parts.get(key) else {
+            return;
+        };
+        let room = p.room;
         // Make assigned subscriptions live: first gather what they need
         // from their publishers, then update them.
         let pending: Vec<(usize, String, usize)> = p
@@ -1432,10 +1548,10 @@ impl Core {
             };
             // Publisher payload types -> ours, by codec.
             let mut map = Vec::new();
-            if let Some(sec) = pubp.peer.answer.section(&t.mid) {
+            if let Some(sec) = pubp.peer.local.section(&t.mid) {
                 for pt in &sec.pts {
-                    if let Some(c) = pubp.peer.answer.codecs.get(pt) {
-                        if let Some(ours) = me.peer.answer.pt_for(c) {
+                    if let Some(c) = pubp.peer.local.codecs.get(pt) {
+                        if let Some(ours) = me.send_peer_ref().local.pt_for(c) {
                             map.push((*pt, ours));
                         }
                     }
@@ -1459,20 +1575,130 @@ impl Core {
                 kf.push((tk, sub.fwd.target));
             }
         }
-        let still_waiting = p.subs.iter().any(|(_, s)| s.slot.is_none());
-        tracing::trace!(participant = %p.sid, offer = %sd.sdp, answer = %munged, "negotiated");
-        p.send(Resp::Answer(lk::SessionDescription {
-            r#type: "answer".into(),
-            sdp: munged,
-            id: sd.id,
-            mid_to_track_id,
-        }));
-        if still_waiting {
-            self.request_reoffer(key);
-        }
         let now = Instant::now();
         for (tk, l) in kf {
             self.request_keyframe(room, tk, l, now);
+        }
+    }
+
+    /// Dual PC: offer the subscriber connection with every subscription
+    /// that has no m-line yet and without those that ended. One offer at a
+    /// time; changes meanwhile are offered after the answer.
+    fn negotiate_subscriber(&mut self, key: usize) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let Participant {
+            sub_peer,
+            subs,
+            slots,
+            ..
+        } = p;
+        let Some(sp) = sub_peer.as_mut() else {
+            return;
+        };
+        if sp.pending.is_some() {
+            sp.renegotiate = true;
+            return;
+        }
+        let mut api = sp.peer.rtc.sdp_api();
+        if !sp.channels_added {
+            // Downstream data goes on our own channels, as LiveKit's do.
+            api.add_channel_with_config(str0m::channel::ChannelConfig {
+                label: "_reliable".into(),
+                ..Default::default()
+            });
+            api.add_channel_with_config(str0m::channel::ChannelConfig {
+                label: "_lossy".into(),
+                ordered: false,
+                reliability: str0m::channel::Reliability::MaxRetransmits { retransmits: 0 },
+                ..Default::default()
+            });
+            sp.channels_added = true;
+        }
+        for slot in slots.iter_mut() {
+            if slot.state == SlotState::Releasing {
+                api.stop_media(Mid::from(slot.mid.as_str()));
+                slot.state = SlotState::Dead;
+            }
+        }
+        for (sk, sub) in subs.iter_mut() {
+            if sub.slot.is_some() {
+                continue;
+            }
+            let kind = match sub.kind {
+                Kind::Audio => str0m::media::MediaKind::Audio,
+                _ => str0m::media::MediaKind::Video,
+            };
+            let stream = format!("{}|{}", sub.publisher_sid, sub.track_sid);
+            let mid = api.add_media(
+                kind,
+                str0m::media::Direction::SendOnly,
+                Some(stream),
+                Some(sub.track_sid.clone()),
+                None,
+            );
+            slots.push(SendSlot {
+                mid: mid.to_string(),
+                kind: sub.kind,
+                state: SlotState::Assigned(sk),
+            });
+            sub.slot = Some(slots.len() - 1);
+        }
+        if !api.has_changes() {
+            return;
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+        let text = offer.to_sdp_string();
+        sp.peer.local = sdp::parse(&text);
+        sp.pending = Some(pending);
+        sp.offer_id += 1;
+        let id = sp.offer_id;
+        p.send(Resp::Offer(lk::SessionDescription {
+            r#type: "offer".into(),
+            sdp: text,
+            id,
+            mid_to_track_id: HashMap::new(),
+        }));
+        Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
+    }
+
+    /// Dual PC: the client's answer to our subscriber offer.
+    fn subscriber_answer(&mut self, key: usize, sd: lk::SessionDescription) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        // Single-PC clients never answer; nothing may be pending.
+        let Some(pending) = p.sub_peer.as_mut().and_then(|s| s.pending.take()) else {
+            return;
+        };
+        let result = str0m::change::SdpAnswer::from_sdp_string(&sd.sdp)
+            .map_err(|e| format!("invalid SDP answer: {e}"))
+            .and_then(|answer| {
+                let sp = p.sub_peer.as_mut().expect("checked above");
+                sp.peer
+                    .rtc
+                    .sdp_api()
+                    .accept_answer(pending, answer)
+                    .map_err(|e| format!("SDP answer refused: {e}"))
+            });
+        if let Err(why) = result {
+            MediaCounters::add(&self.counters.sdp_errors, 1);
+            error_to(p, lk::request_response::Reason::InvalidRequest, why);
+            // str0m dropped the offer: the connection cannot go on.
+            self.remove_participant(key, Some(lk::DisconnectReason::StateMismatch));
+            return;
+        }
+        let Some(sp) = p.sub_peer.as_mut() else {
+            return;
+        };
+        sp.peer.remote = sdp::parse(&sd.sdp);
+        let again = std::mem::take(&mut sp.renegotiate);
+        self.activate_subs(key);
+        if again {
+            self.negotiate_subscriber(key);
         }
         Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
     }
@@ -1515,6 +1741,9 @@ impl Core {
         }
         let _ = p.out.try_send(Outgoing::Close);
         p.peer.rtc.disconnect();
+        if let Some(sp) = p.sub_peer.as_mut() {
+            sp.peer.rtc.disconnect();
+        }
         tracing::info!(participant = %p.sid, reason = ?reason, "participant left");
         for tk in p.published.clone() {
             self.unpublish(key, tk);
@@ -1534,10 +1763,15 @@ impl Core {
         let info = p.info(&self.rooms[room_key].tracks);
         let hidden = p.permission.hidden;
         let p = self.parts.remove(key);
-        self.by_ufrag.remove(&p.peer.ufrag);
-        for a in &p.peer.remote_addrs {
-            if self.by_addr.get(a) == Some(&key) {
-                self.by_addr.remove(a);
+        for peer in [Some(&p.peer), p.sub_peer.as_ref().map(|s| &s.peer)]
+            .into_iter()
+            .flatten()
+        {
+            self.by_ufrag.remove(&peer.ufrag);
+            for a in &peer.remote_addrs {
+                if self.by_addr.get(a).is_some_and(|(k, _)| *k == key) {
+                    self.by_addr.remove(a);
+                }
             }
         }
         if let Some(f) = self.is_dirty.get_mut(key) {
@@ -1569,7 +1803,7 @@ impl Core {
         let broken: Vec<usize> = self
             .parts
             .iter()
-            .filter(|(_, p)| p.broken || !p.peer.rtc.is_alive())
+            .filter(|(_, p)| p.broken || !p.alive())
             .map(|(k, _)| k)
             .collect();
         for k in broken {

@@ -24,12 +24,26 @@ pub struct Peer {
     pub remote_addrs: Vec<SocketAddr>,
     /// Incoming SSRC -> (room track key, layer); a handful of entries.
     pub rx_routes: Vec<(Ssrc, usize, Layer)>,
-    /// The last remote offer and our answer, as read from their text.
-    pub offer: SdpInfo,
-    pub answer: SdpInfo,
+    /// The last remote and local descriptions, as read from their text
+    /// (single PC and publisher: their offer, our answer; dual-PC
+    /// subscriber: our offer, their answer).
+    pub remote: SdpInfo,
+    pub local: SdpInfo,
 }
 
 impl Peer {
+    pub fn new(rtc: Rtc, ufrag: String) -> Peer {
+        Peer {
+            rtc,
+            ufrag,
+            next_timeout: Instant::now(),
+            remote_addrs: Vec::new(),
+            rx_routes: Vec::new(),
+            remote: SdpInfo::default(),
+            local: SdpInfo::default(),
+        }
+    }
+
     #[inline]
     pub fn route(&self, ssrc: Ssrc) -> Option<(usize, Layer)> {
         self.rx_routes
@@ -37,6 +51,26 @@ impl Peer {
             .find(|r| r.0 == ssrc)
             .map(|r| (r.1, r.2))
     }
+}
+
+/// Dual-PC signaling: the peer connection we offer, carrying subscriptions.
+pub struct SubscriberPeer {
+    pub peer: Peer,
+    /// Our offer awaiting the client's answer.
+    pub pending: Option<str0m::change::SdpPendingOffer>,
+    pub offer_id: u32,
+    /// Changes arrived while an offer was pending: offer again after it.
+    pub renegotiate: bool,
+    pub channels_added: bool,
+}
+
+/// Which of a participant's peer connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PcRole {
+    /// The single PC, or the dual-PC publisher.
+    Main,
+    /// The dual-PC subscriber.
+    Subscriber,
 }
 
 /// Announced with AddTrackRequest, waiting for its m-line in an offer.
@@ -51,6 +85,8 @@ pub enum SlotState {
     Assigned(usize),
     /// Was carrying a track; free once an answer has marked it inactive.
     Releasing,
+    /// Dual PC: stopped m-line, never reused.
+    Dead,
 }
 
 /// One of the client's receive m-lines, which we may send on.
@@ -101,6 +137,7 @@ pub struct Participant {
     pub protocol: i32,
     pub auto_subscribe: bool,
     pub peer: Peer,
+    pub sub_peer: Option<Box<SubscriberPeer>>,
     pub pending_tracks: Vec<PendingTrack>,
     /// Room track keys this participant publishes.
     pub published: Vec<usize>,
@@ -113,6 +150,33 @@ pub struct Participant {
 }
 
 impl Participant {
+    pub fn peer_mut(&mut self, role: PcRole) -> Option<&mut Peer> {
+        match role {
+            PcRole::Main => Some(&mut self.peer),
+            PcRole::Subscriber => self.sub_peer.as_mut().map(|s| &mut s.peer),
+        }
+    }
+
+    /// The peer connection subscribed media is sent on.
+    #[inline]
+    pub fn send_peer(&mut self) -> &mut Peer {
+        match self.sub_peer.as_mut() {
+            Some(s) => &mut s.peer,
+            None => &mut self.peer,
+        }
+    }
+
+    pub fn send_peer_ref(&self) -> &Peer {
+        match self.sub_peer.as_ref() {
+            Some(s) => &s.peer,
+            None => &self.peer,
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        self.peer.rtc.is_alive() && self.sub_peer.as_ref().is_none_or(|s| s.peer.rtc.is_alive())
+    }
+
     /// Queue a message; a full queue marks the participant for removal.
     pub fn send(&mut self, msg: lk::signal_response::Message) {
         if self.broken {

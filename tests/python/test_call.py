@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import time
 
+import pytest
+
 from livekit import rtc
 
 from moselle_helpers import (
@@ -80,7 +82,14 @@ def _check_aspect(width: int, height: int, pub_w: int, pub_h: int, who: str) -> 
 # --------------------------------------------------------------------------- a
 
 
-def test_two_party_audio_and_simulcast_video(server, record_property):
+# Both signaling flavours real clients speak: one peer connection (/rtc/v1,
+# the SDK default) and publisher + subscriber connections (/rtc).
+@pytest.fixture(params=[True, False], ids=["single_pc", "dual_pc"])
+def pc_mode(request):
+    return {"single_peer_connection": request.param}
+
+
+def test_two_party_audio_and_simulcast_video(server, pc_mode, record_property):
     """B receives A's Opus audio (non-silent 440 Hz) and decoded simulcast VP8 camera video."""
     room = unique_room("two-party")
     W, H, FPS, FREQ = 1280, 720, 20, 440.0
@@ -90,8 +99,8 @@ def test_two_party_audio_and_simulcast_video(server, record_property):
             b = await stack.enter_async_context(Client("B"))
             a = await stack.enter_async_context(Client("A"))
 
-            await b.connect(server.url, server.token("B", room))
-            await a.connect(server.url, server.token("A", room))
+            await b.connect(server.url, server.token("B", room), **pc_mode)
+            await a.connect(server.url, server.token("A", room), **pc_mode)
             await b.events.wait_for("participant_connected", _is("A"), EVENT_TIMEOUT_S, "for A")
             assert "B" in a.room.remote_participants, (
                 f"A joined after B but its SDK lists remote participants {list(a.room.remote_participants)}"
@@ -148,7 +157,7 @@ def test_two_party_audio_and_simulcast_video(server, record_property):
 # --------------------------------------------------------------------------- b
 
 
-def test_two_party_mute_unpublish_leave(server):
+def test_two_party_mute_unpublish_leave(server, pc_mode):
     """A publishes before B joins; B sees A's mute/unmute, unpublish and departure."""
     room = unique_room("lifecycle")
 
@@ -157,12 +166,12 @@ def test_two_party_mute_unpublish_leave(server):
             a = await stack.enter_async_context(Client("A"))
             b = await stack.enter_async_context(Client("B"))
 
-            await a.connect(server.url, server.token("A", room))
+            await a.connect(server.url, server.token("A", room), **pc_mode)
             apub = await a.publish_audio(440.0)
             vpub = await a.publish_video(640, 360, 15, simulcast=True)
 
             # B joins late: A and both tracks come with the join.
-            await b.connect(server.url, server.token("B", room))
+            await b.connect(server.url, server.token("B", room), **pc_mode)
             await b.events.wait_for("track_subscribed", _pub_sid(apub.sid), EVENT_TIMEOUT_S, f"for A's audio {apub.sid}")
             await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, f"for A's video {vpub.sid}")
             await asyncio.gather(
@@ -221,7 +230,7 @@ PARTY = [
 ]
 
 
-def test_four_party_full_mesh(server):
+def test_four_party_full_mesh(server, pc_mode):
     """4 participants each publish audio + video; each receives all 3 others (12 + 12 tracks)."""
     room = unique_room("four-party")
     W, H, FPS = 320, 180, 15
@@ -231,7 +240,7 @@ def test_four_party_full_mesh(server):
             clients: list[Client] = []
             for ident, freq, chroma in PARTY:
                 c = await stack.enter_async_context(Client(ident))
-                await c.connect(server.url, server.token(ident, room))
+                await c.connect(server.url, server.token(ident, room), **pc_mode)
                 await c.publish_audio(freq)
                 await c.publish_video(W, H, FPS, simulcast=False, chroma=chroma)
                 clients.append(c)
