@@ -12,6 +12,7 @@ step() { printf '\n=== %s\n' "$*"; }
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v nft >/dev/null || need_apt+=(nftables)
 if ((${#need_apt[@]})); then
     step "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -495,6 +495,14 @@ impl Core {
                     return;
                 };
                 let track = &mut room.tracks[tk];
+                if track.kind == Kind::Video {
+                    // LiveKit SDKs publish video without RTX, and str0m
+                    // then does not NACK; plain NACK still makes libwebrtc
+                    // resend on the media SSRC, which repairs upstream loss.
+                    if let Some(rx) = p.peer.rtc.direct_api().stream_rx(&ssrc) {
+                        rx.suppress_nack(false);
+                    }
+                }
                 let layer = track.layer_of_rid(rid.as_deref());
                 if (layer as usize) < MAX_LAYERS {
                     track.layer_ssrc[layer as usize] = Some(ssrc);

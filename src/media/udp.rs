@@ -268,12 +268,20 @@ impl UdpTx {
                 }
                 libc::sendmmsg(self.fd, msgs.as_mut_ptr(), count as u32, libc::MSG_DONTWAIT)
             };
-            if sent <= 0 {
-                // Would block or failed: drop the rest of this batch.
+            if sent > 0 {
+                start += sent as usize;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                // Kernel buffer full: drop the rest rather than block.
                 self.send_drops += (self.tx_count - start) as u64;
                 break;
             }
-            start += sent as usize;
+            // This one datagram was refused (unreachable, filtered, ...):
+            // skip it and send the others.
+            self.send_drops += 1;
+            start += 1;
         }
         self.tx_count = 0;
     }

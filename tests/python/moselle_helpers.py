@@ -363,10 +363,10 @@ def sine_frames(freq_hz: float, amplitude: float = SINE_AMPLITUDE):
         yield rtc.AudioFrame(bytearray(s.tobytes()), SAMPLE_RATE, 1, SAMPLES_PER_FRAME)
 
 
-async def feed_audio(source: rtc.AudioSource, freq_hz: float) -> None:
+async def feed_audio(source: rtc.AudioSource, freq_hz: float, amplitude: float = SINE_AMPLITUDE) -> None:
     """Feed a sine in real time (at most ~60 ms ahead of the wall clock) until cancelled."""
     start = time.monotonic()
-    for n, frame in enumerate(sine_frames(freq_hz)):
+    for n, frame in enumerate(sine_frames(freq_hz, amplitude)):
         await source.capture_frame(frame)
         ahead = start + (n + 1) * AUDIO_FRAME_MS / 1000.0 - time.monotonic()
         if ahead > 0.06:
@@ -451,11 +451,13 @@ class Client:
         except rtc.ConnectError as e:
             raise AssertionError(f"{self.identity}: Room.connect({url}) failed: {e.message}") from None
 
-    async def publish_audio(self, freq_hz: float, timeout: float = 15.0) -> rtc.LocalTrackPublication:
+    async def publish_audio(
+        self, freq_hz: float, timeout: float = 15.0, amplitude: float = SINE_AMPLITUDE
+    ) -> rtc.LocalTrackPublication:
         source = rtc.AudioSource(SAMPLE_RATE, 1)
         self._sources.append(source)
         track = rtc.LocalAudioTrack.create_audio_track(f"{self.identity}-mic", source)
-        self._start(feed_audio(source, freq_hz))
+        self._start(feed_audio(source, freq_hz, amplitude))
         opts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
         pub = await self._publish(track, opts, "audio", timeout)
         self.audio_track, self.audio_pub, self.audio_freq = track, pub, freq_hz

@@ -1,0 +1,279 @@
+"""Media behaviour seen by real LiveKit clients: simulcast layer choice per
+subscriber, active speakers, NACK/RTX under real packet loss, garbage on the
+media port, and a second join with the same identity.
+
+Runs inside the namespace run.sh makes (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import struct
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from livekit import rtc
+
+from moselle_helpers import Client, run, unique_room, wait_until
+
+from test_call import _is, _pub_sid, _wait_audio, _wait_video
+
+EVENT_TIMEOUT_S = 10.0
+HOST = os.environ.get("MOSELLE_TEST_IP", "127.0.0.1")
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f"moselle_{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"metric moselle_{name} not exported")
+
+
+async def frames_after(st, seconds: float) -> int:
+    start = st.frames
+    await asyncio.sleep(seconds)
+    return st.frames - start
+
+
+async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0) -> None:
+    """Wait until the last decoded frame has `size` (and a few more follow)."""
+    await wait_until(
+        lambda: (st.width, st.height) == size,
+        timeout,
+        lambda: f"{who}: expected decoded frames of {size[0]}x{size[1]} within {timeout:.0f}s; got {st.describe()}",
+    )
+    n = await frames_after(st, 2.0)
+    assert n >= 5 and (st.width, st.height) == size, (
+        f"{who}: after switching to {size}, {n} frames in 2 s, last {st.width}x{st.height}"
+    )
+
+
+@pytest.fixture(params=[True, False], ids=["single_pc", "dual_pc"])
+def pc_mode(request):
+    return {"single_peer_connection": request.param}
+
+
+def test_simulcast_layer_per_subscriber(server, pc_mode):
+    """B asks for low, medium, high in turn; C keeps high all along."""
+    room = unique_room("simulcast")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            c = await stack.enter_async_context(Client("C"))
+            await a.connect(server.url, server.token("A", room), **pc_mode)
+            vpub = await a.publish_video(1280, 720, 20, simulcast=True)
+            await b.connect(server.url, server.token("B", room), **pc_mode)
+            await c.connect(server.url, server.token("C", room), **pc_mode)
+            for x in (b, c):
+                await x.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
+            await asyncio.gather(_wait_video(b, vpub.sid, "A"), _wait_video(c, vpub.sid, "A"))
+            bst, cst = b.probe.video[vpub.sid], c.probe.video[vpub.sid]
+            await wait_size(bst, (1280, 720), "B (default: top layer)")
+
+            bpub = b.room.remote_participants["A"].track_publications[vpub.sid]
+            bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_LOW)
+            await wait_size(bst, (320, 180), "B after LOW")
+            assert (cst.width, cst.height) == (1280, 720), f"C must keep the top layer: {cst.describe()}"
+            bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_MEDIUM)
+            await wait_size(bst, (640, 360), "B after MEDIUM")
+            bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
+            await wait_size(bst, (1280, 720), "B after HIGH")
+            assert (cst.width, cst.height) == (1280, 720), f"C must keep the top layer: {cst.describe()}"
+            assert bst.error is None and cst.error is None, (bst.describe(), cst.describe())
+
+    run(scenario, timeout=90)
+
+
+def test_active_speakers(server):
+    """A plays a loud tone, B sends silence: B's SDK reports A speaking, not B."""
+    room = unique_room("speakers")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room))
+            await b.connect(server.url, server.token("B", room))
+            await a.publish_audio(440.0)
+            await b.publish_audio(440.0, amplitude=0)
+
+            def a_speaking(speakers) -> bool:
+                ids = [p.identity for p in speakers]
+                return "A" in ids and "B" not in ids
+
+            ev = await b.events.wait_for("active_speakers_changed", a_speaking, EVENT_TIMEOUT_S, "A speaking")
+            assert ev is not None
+            a.stop_feeders()
+
+            # A goes quiet: A drops out of the list.
+            await b.events.wait_for(
+                "active_speakers_changed",
+                lambda speakers: all(p.identity != "A" for p in speakers),
+                EVENT_TIMEOUT_S,
+                "A no longer speaking",
+            )
+
+    run(scenario, timeout=60)
+
+
+def _nft(*args: str) -> None:
+    subprocess.run(["nft", *args], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def packet_loss(udp_port: int, percent: int):
+    """Drop `percent`% of datagrams to and from the server's media port, in
+    the kernel's input path (the sender sees nothing): real loss, not a mock."""
+    table = f"moselle_loss_{os.getpid()}"
+    _nft("add", "table", "inet", table)
+    try:
+        _nft("add", "chain", "inet", table, "in", "{ type filter hook input priority 0; }")
+        for side in ("sport", "dport"):
+            _nft("add", "rule", "inet", table, "in", "udp", side, str(udp_port),
+                 "numgen", "random", "mod", "100", "<", str(percent), "drop")
+        yield
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+
+async def inbound_video(client: Client, sid: str):
+    track = client.room.remote_participants["A"].track_publications[sid].track
+    for s in await track.get_stats():
+        if s.WhichOneof("stats") == "inbound_rtp":
+            return s.inbound_rtp.inbound
+    raise AssertionError(f"{client.identity}: no inbound-rtp stats for {sid}")
+
+
+async def outbound_video(client: Client):
+    total = 0
+    for s in await client.video_track.get_stats():
+        if s.WhichOneof("stats") == "outbound_rtp":
+            total += s.outbound_rtp.outbound.nack_count
+    return total
+
+
+def test_nack_rtx_under_loss(server):
+    """5% loss each way on the media port: the subscriber NACKs, the server
+    answers from its retransmission buffer, and video keeps decoding."""
+    room = unique_room("loss")
+    FPS, SECONDS = 20, 8
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room))
+            await b.connect(server.url, server.token("B", room))
+            vpub = await a.publish_video(640, 360, FPS, simulcast=False)
+            await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
+            await _wait_video(b, vpub.sid, "A")
+            st = b.probe.video[vpub.sid]
+            before = await inbound_video(b, vpub.sid)
+            up_before = await outbound_video(a)
+            with packet_loss(server.udp_port, 5):
+                decoded = await frames_after(st, SECONDS)
+            after = await inbound_video(b, vpub.sid)
+            up_after = await outbound_video(a)
+            nacks = after.nack_count - before.nack_count
+            rtx = after.retransmitted_packets_received - before.retransmitted_packets_received
+            print(f"under 5% loss: {decoded} frames in {SECONDS}s, B sent {nacks} NACKs, got {rtx} retransmissions, "
+                  f"A answered {up_after - up_before} NACKs from the server")
+            assert nacks > 0, "B's libwebrtc should have sent NACKs under 5% loss"
+            assert rtx > 0, f"B sent {nacks} NACKs but received no retransmission from the server"
+            assert up_after - up_before > 0, "the server should NACK A's lost packets upstream"
+            assert decoded >= 0.7 * FPS * SECONDS, (
+                f"video should keep decoding under 5% loss with NACK/RTX: {decoded} frames in {SECONDS}s at {FPS} fps"
+            )
+
+    run(scenario, timeout=60)
+
+
+def _garbage(rng: random.Random) -> bytes:
+    kind = rng.randrange(4)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(0, 1500))
+    if kind == 1:  # STUN binding request with a random USERNAME
+        user = f"{rng.getrandbits(32):08x}:{rng.getrandbits(32):08x}".encode()
+        attr = struct.pack("!HH", 0x0006, len(user)) + user + b"\0" * (-len(user) % 4)
+        return struct.pack("!HHI", 0x0001, len(attr), 0x2112A442) + rng.randbytes(12) + attr
+    if kind == 2:  # truncated STUN header
+        return struct.pack("!HHI", 0x0001, 400, 0x2112A442)[: rng.randrange(1, 8)]
+    # RTP-looking: version 2, random PT/SSRC, junk payload
+    return bytes([0x80, rng.randrange(96, 128)]) + rng.randbytes(rng.randrange(10, 1200))
+
+
+def test_garbage_on_media_port_harms_nobody(server):
+    """5000 malformed datagrams during a call: dropped and counted; the call goes on."""
+    room = unique_room("garbage")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room))
+            await b.connect(server.url, server.token("B", room))
+            vpub = await a.publish_video(640, 360, 20, simulcast=False)
+            apub = await a.publish_audio(440.0)
+            await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
+            await _wait_video(b, vpub.sid, "A")
+            st = b.probe.video[vpub.sid]
+            dropped_before = metric(server, "udp_unroutable_total") + metric(server, "udp_rejected_total")
+
+            rng = random.Random(7)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sent = 0
+            frames_start = st.frames
+            for _ in range(50):
+                for _ in range(100):
+                    sock.sendto(_garbage(rng), (HOST, server.udp_port))
+                    sent += 1
+                await asyncio.sleep(0.02)
+            sock.close()
+            n = await frames_after(st, 2.0)
+            during = st.frames - frames_start
+            dropped = metric(server, "udp_unroutable_total") + metric(server, "udp_rejected_total") - dropped_before
+            print(f"sent {sent} garbage datagrams; server counted {dropped:.0f} dropped; B decoded {during} frames")
+            assert dropped >= 0.9 * sent, f"server counted {dropped:.0f} of {sent} garbage datagrams as dropped"
+            assert n >= 20, f"B's video stalled after the garbage: {n} frames in 2 s ({st.describe()})"
+            await _wait_audio(b, apub.sid, "A", need_freq=False)
+            health = urllib.request.urlopen(f"{server.http_url}/healthz", timeout=5).status
+            assert health == 200
+
+    run(scenario, timeout=60)
+
+
+def test_same_identity_replaces_first_session(server):
+    """A second join as A disconnects the first (DUPLICATE_IDENTITY); B keeps one A."""
+    room = unique_room("dup")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a1 = await stack.enter_async_context(Client("A"))
+            a2 = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await b.connect(server.url, server.token("B", room))
+            await a1.connect(server.url, server.token("A", room))
+            await b.events.wait_for("participant_connected", _is("A"), EVENT_TIMEOUT_S, "first A")
+            first_sid = b.room.remote_participants["A"].sid
+            await a2.connect(server.url, server.token("A", room))
+            ev = await a1.events.wait_for("disconnected", lambda *a: True, EVENT_TIMEOUT_S, "first A replaced")
+            reason = ev.args[0] if ev.args else None
+            assert reason == rtc.DisconnectReason.DUPLICATE_IDENTITY, f"first A disconnected with {reason!r}"
+            await wait_until(
+                lambda: "A" in b.room.remote_participants and b.room.remote_participants["A"].sid != first_sid,
+                EVENT_TIMEOUT_S,
+                lambda: f"B should see the new A session; sees {list(b.room.remote_participants)}",
+            )
+            apub = await a2.publish_audio(440.0)
+            await b.events.wait_for("track_subscribed", _pub_sid(apub.sid), EVENT_TIMEOUT_S, "new A's audio")
+            await _wait_audio(b, apub.sid, "A", need_freq=False)
+
+    run(scenario, timeout=60)
