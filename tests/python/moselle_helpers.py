@@ -471,6 +471,7 @@ class Client:
         simulcast: bool,
         chroma: tuple[int, int] = (90, 200),
         timeout: float = 15.0,
+        codec: "rtc.VideoCodec.ValueType" = rtc.VideoCodec.VP8,
     ) -> rtc.LocalTrackPublication:
         source = rtc.VideoSource(width, height)
         self._sources.append(source)
@@ -479,7 +480,7 @@ class Client:
         opts = rtc.TrackPublishOptions(
             source=rtc.TrackSource.SOURCE_CAMERA,
             simulcast=simulcast,
-            video_codec=rtc.VideoCodec.VP8,
+            video_codec=codec,
         )
         pub = await self._publish(track, opts, "video", timeout)
         self.video_track, self.video_pub, self.video_chroma = track, pub, chroma

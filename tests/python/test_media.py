@@ -92,6 +92,39 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
     run(scenario, timeout=90)
 
 
+@pytest.mark.parametrize("codec", ["H264", "VP8"])
+def test_video_codecs(server, codec):
+    """H.264 and VP8 publications both reach the subscriber decoded, with
+    the mime type in TrackInfo; layer switching works on both."""
+    room = unique_room(f"codec-{codec.lower()}")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room))
+            await b.connect(server.url, server.token("B", room))
+            vpub = await a.publish_video(960, 540, 15, simulcast=True, codec=getattr(rtc.VideoCodec, codec))
+            await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
+            await _wait_video(b, vpub.sid, "A")
+            rpub = b.room.remote_participants["A"].track_publications[vpub.sid]
+            assert rpub.mime_type.lower() == f"video/{codec.lower()}", f"TrackInfo mime type {rpub.mime_type!r}"
+            st = b.probe.video[vpub.sid]
+            rpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_LOW)
+            # The SDK picks the low layer's size (320x180 for a 960x540 source).
+            await wait_until(
+                lambda: 0 < st.width < 960 and abs(st.width / st.height - 16 / 9) < 0.05,
+                10.0,
+                lambda: f"B after LOW ({codec}): expected a smaller 16:9 layer; got {st.describe()}",
+            )
+            low = (st.width, st.height)
+            await wait_size(st, low, f"B after LOW ({codec})")
+            rpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
+            await wait_size(st, (960, 540), f"B after HIGH ({codec})")
+
+    run(scenario, timeout=60)
+
+
 def test_active_speakers(server):
     """A plays a loud tone, B sends silence: B's SDK reports A speaking, not B."""
     room = unique_room("speakers")
