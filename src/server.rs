@@ -55,8 +55,10 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             )
         })?;
     let http_addr = listener.local_addr()?;
+    // Addresses only at debug: info-level logs carry no IP address.
+    tracing::debug!(http = %http_addr, candidates = ?ips, "bound");
     tracing::info!(
-        http = %http_addr,
+        http_port = http_addr.port(),
         udp_port,
         candidates = ips.len(),
         node = %cfg.server.node_id,

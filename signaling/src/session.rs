@@ -84,7 +84,10 @@ pub async fn run_session(
                     Ok(None) => break,
                     Ok(Some(Err(e))) => {
                         // Oversized messages surface here as a capacity error.
-                        if e.to_string().to_ascii_lowercase().contains("size") {
+                        // tungstenite reports it as "Space limit exceeded:
+                        // Message too long"; axum hides the typed error.
+                        let text = e.to_string().to_ascii_lowercase();
+                        if text.contains("too long") || text.contains("space limit") || text.contains("size") {
                             SignalCounters::inc(&counters.oversized_frames);
                             close = Some((1009, "message too big"));
                         } else {

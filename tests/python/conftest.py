@@ -60,6 +60,24 @@ class MoselleServer:
     def token(self, identity: str, room: str, **grants) -> str:
         return make_token(identity, room, api_key=self.api_key, api_secret=self.api_secret, **grants)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        return 0
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"{self.http_url}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith(f"moselle_{name} "):
+                return float(line.split()[1])
+        raise AssertionError(f"metric moselle_{name} not exported")
+
     def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()

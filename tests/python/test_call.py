@@ -230,7 +230,7 @@ PARTY = [
 ]
 
 
-def test_four_party_full_mesh(server, pc_mode):
+def test_four_party_full_mesh(server, pc_mode, record_property):
     """4 participants each publish audio + video; each receives all 3 others (12 + 12 tracks)."""
     room = unique_room("four-party")
     W, H, FPS = 320, 180, 15
@@ -302,5 +302,16 @@ def test_four_party_full_mesh(server, pc_mode):
                     except AssertionError as e:
                         wrong.append(str(e))
             assert not wrong, "media reached the wrong subscriber or was mangled:\n  " + "\n  ".join(wrong)
+
+            # Cost, for the record (never asserted: these machines are noisy).
+            cpu0, fwd0 = server.cpu_seconds(), server.metric("rtp_packets_forwarded_total")
+            await asyncio.sleep(5)
+            cpu1, fwd1 = server.cpu_seconds(), server.metric("rtp_packets_forwarded_total")
+            assert fwd1 > fwd0, "packets must keep flowing while the call lasts"
+            us = (cpu1 - cpu0) * 1e6 / (fwd1 - fwd0)
+            line = (f"4-party room ({pc_mode}): {fwd1 - fwd0:.0f} packets forwarded in 5 s, "
+                    f"server CPU {cpu1 - cpu0:.2f} s = {us:.1f} us/packet, peak RSS {server.peak_rss_kib()} KiB")
+            print(line)
+            record_property("cost", line)
 
     run(scenario, timeout=60)
