@@ -34,7 +34,13 @@ pub struct Server {
 
 /// A node on 127.0.0.1 with free ports and the dev key pair.
 pub async fn start() -> Server {
+    start_with(|_| {}).await
+}
+
+/// As [`start`], with the config adjusted first.
+pub async fn start_with(adjust: impl FnOnce(&mut moselle::config::Config)) -> Server {
     let mut cfg = moselle::config::Config::embedded().unwrap();
+    adjust(&mut cfg);
     cfg.keys.insert(KEY.into(), SECRET.into());
     cfg.server.bind = "127.0.0.1".parse().unwrap();
     cfg.server.http_port = 0;

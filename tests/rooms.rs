@@ -1,0 +1,71 @@
+//! Room lifecycle: created on first join, closed after the departure
+//! timeout, refused when auto-create is off or the room is full.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_closes_after_last_participant_leaves() {
+    let s = start_with(|c| c.room.departure_timeout_secs = 1).await;
+    let (ws, _join) = join(s.addr, &token("lifecycle", "alice")).await;
+    assert_eq!(metric(s.addr, "moselle_rooms").await, 1);
+    assert_eq!(metric(s.addr, "moselle_participants").await, 1);
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let rooms = metric(s.addr, "moselle_rooms").await;
+        let parts = metric(s.addr, "moselle_participants").await;
+        if rooms == 0 && parts == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "room still open 5 s after its only participant left (rooms={rooms}, participants={parts})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_stays_open_while_someone_is_in_it() {
+    let s = start_with(|c| c.room.departure_timeout_secs = 1).await;
+    let (_a, _) = join(s.addr, &token("busy", "alice")).await;
+    let (b, _) = join(s.addr, &token("busy", "bob")).await;
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        metric(s.addr, "moselle_rooms").await,
+        1,
+        "room closed with alice still in it"
+    );
+    assert_eq!(metric(s.addr, "moselle_participants").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_create_an_unknown_room_is_404() {
+    let s = start_with(|c| c.room.auto_create = false).await;
+    let t = token("nowhere", "alice");
+    let r = validate(s.addr, &format!("&access_token={t}"), &[]).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("room_not_found"), "{}", r.body);
+    let r = upgrade_attempt(s.addr, &format!("&access_token={t}"), &[]).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        r.body.contains("requested room does not exist"),
+        "{}",
+        r.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_room_refuses_the_next_join() {
+    let s = start_with(|c| c.room.max_participants = 1).await;
+    let (_a, _) = join(s.addr, &token("small", "alice")).await;
+    let t = token("small", "bob");
+    let r = upgrade_attempt(s.addr, &format!("&access_token={t}"), &[]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("room_full"), "{}", r.body);
+}
