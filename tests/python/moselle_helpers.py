@@ -145,6 +145,10 @@ class EventLog:
             return "(no events)"
         return "; ".join(f"{e.name}({', '.join(_describe_arg(a) for a in e.args)})" for e in evs)
 
+    def mark(self) -> int:
+        """Index to pass as `since` to wait only for events after now."""
+        return len(self.events)
+
     def find(self, name: str, pred: Callable[..., bool] = lambda *a: True) -> Optional[RecordedEvent]:
         for e in self.events:
             if e.name == name and pred(*e.args):
@@ -157,10 +161,12 @@ class EventLog:
         pred: Callable[..., bool] = lambda *a: True,
         timeout: float = 10.0,
         what: str = "",
+        since: int = 0,
     ) -> RecordedEvent:
-        """Wait for (or find already recorded) an event `name` whose args satisfy `pred`."""
+        """Wait for (or find already recorded) an event `name` whose args satisfy `pred`;
+        `since` skips the events recorded before that index (see `mark`)."""
         deadline = time.monotonic() + timeout
-        idx = 0
+        idx = since
         while True:
             while idx < len(self.events):
                 e = self.events[idx]

@@ -92,6 +92,43 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
     run(scenario, timeout=90)
 
 
+def test_unsubscribe_and_resubscribe(server, pc_mode):
+    """B drops A's video (UpdateSubscription) and takes it again: the m-line
+    is released and reused, and frames flow again."""
+    room = unique_room("resub")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room), **pc_mode)
+            await b.connect(server.url, server.token("B", room), **pc_mode)
+            vpub = await a.publish_video(640, 360, 15, simulcast=False)
+            apub = await a.publish_audio(440.0)
+            await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
+            await _wait_video(b, vpub.sid, "A")
+            rpub = b.room.remote_participants["A"].track_publications[vpub.sid]
+            for round_ in range(2):
+                mark = b.events.mark()
+                rpub.set_subscribed(False)
+                await b.events.wait_for("track_unsubscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S,
+                                        f"A's video unsubscribed (round {round_})", since=mark)
+                await asyncio.sleep(1.0)
+                mark = b.events.mark()
+                rpub.set_subscribed(True)
+                await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S,
+                                        f"A's video subscribed again (round {round_})", since=mark)
+                await wait_until(
+                    lambda: b.probe.video[vpub.sid].frames >= 10,
+                    EVENT_TIMEOUT_S,
+                    lambda: f"B: no video after re-subscribing (round {round_}): {b.probe.video[vpub.sid].describe()}",
+                )
+            # Audio was never touched and still plays.
+            await _wait_audio(b, apub.sid, "A", need_freq=False)
+
+    run(scenario, timeout=90)
+
+
 @pytest.mark.parametrize("codec", ["H264", "VP8"])
 def test_video_codecs(server, codec):
     """H.264 and VP8 publications both reach the subscriber decoded, with
