@@ -129,6 +129,32 @@ def test_unsubscribe_and_resubscribe(server, pc_mode):
     run(scenario, timeout=90)
 
 
+def test_single_and_dual_pc_clients_in_one_room(server):
+    """A on /rtc/v1 (one connection), B on /rtc (two): each gets the other's media."""
+    room = unique_room("mixed")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room), single_peer_connection=True)
+            await b.connect(server.url, server.token("B", room), single_peer_connection=False)
+            av = await a.publish_video(640, 360, 15, simulcast=True)
+            aa = await a.publish_audio(440.0)
+            bv = await b.publish_video(640, 360, 15, simulcast=True, chroma=(200, 60))
+            ba = await b.publish_audio(660.0)
+            for rx, pubs, tx in ((b, (av, aa), "A"), (a, (bv, ba), "B")):
+                for p in pubs:
+                    await rx.events.wait_for("track_subscribed", _pub_sid(p.sid), EVENT_TIMEOUT_S, f"{tx}'s {p.sid}")
+            await asyncio.gather(
+                _wait_video(b, av.sid, "A"), _wait_audio(b, aa.sid, "A", need_freq=True),
+                _wait_video(a, bv.sid, "B"), _wait_audio(a, ba.sid, "B", need_freq=True),
+            )
+            assert abs(b.probe.audio[aa.sid].peak_hz - 440) < 15 and abs(a.probe.audio[ba.sid].peak_hz - 660) < 15
+
+    run(scenario, timeout=60)
+
+
 @pytest.mark.parametrize("codec", ["H264", "VP8"])
 def test_video_codecs(server, codec):
     """H.264 and VP8 publications both reach the subscriber decoded, with
