@@ -13,6 +13,7 @@ need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v nft >/dev/null || need_apt+=(nftables)
+[[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
     step "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -34,6 +35,12 @@ if [[ ! -f "$stamp" ]] || ! sha256sum --status -c "$stamp" 2>/dev/null; then
     sha256sum "$req" > "$stamp"
 fi
 
+# --- npm: livekit-client for the call page, playwright-core for the tests --
+if [[ ! -d web/node_modules/livekit-client ]] || [[ web/package-lock.json -nt web/node_modules/.package-lock.json ]]; then
+    step "npm ci --prefix web"
+    npm ci --prefix web --no-audit --no-fund
+fi
+
 # --- Rust ----------------------------------------------------------------------
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -47,6 +54,9 @@ cargo test --workspace
 # --- Real clients ----------------------------------------------------------
 step "conformance: LiveKit Python SDK"
 MOSELLE_BIN="$root/target/debug/moselle" tests/python/run.sh -q
+
+step "browser: livekit-client in headless Chromium"
+MOSELLE_BIN="$root/target/debug/moselle" tests/netns.sh node --test tests/browser/
 
 echo
 echo "all tests passed"

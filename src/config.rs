@@ -22,6 +22,15 @@ pub struct Config {
     pub room: RoomConfig,
     pub rtc: RtcConfig,
     pub log: LogConfig,
+    pub call_page: CallPageConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallPageConfig {
+    pub enabled: bool,
+    pub assets_dir: std::path::PathBuf,
+    pub token_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -11,9 +11,9 @@ use tower_http::cors::{Any, CorsLayer};
 
 use crate::media::handle::MediaHandle;
 
-pub fn app(media: Arc<MediaHandle>) -> Router {
+pub fn app(media: Arc<MediaHandle>, call_page: Option<crate::callpage::CallPage>) -> Router {
     let signaling = moselle_signaling::routes::router(media.clone());
-    Router::new()
+    let router = Router::new()
         .route("/", get(|| async { "moselle" }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -26,7 +26,12 @@ pub fn app(media: Arc<MediaHandle>) -> Router {
                 .allow_origin(Any)
                 .allow_methods(Any)
                 .allow_headers(Any),
-        )
+        );
+    // The call page mints tokens: same origin only, so no CORS for it.
+    match call_page {
+        Some(page) => router.merge(crate::callpage::router(page)),
+        None => router,
+    }
 }
 
 async fn healthz(State(m): State<Arc<MediaHandle>>) -> impl IntoResponse {

@@ -1,6 +1,7 @@
 //! Moselle: a selective forwarding unit for Matrix calls that speaks the
 //! LiveKit protocol. See DESIGN.md in the project's shared folder.
 
+pub mod callpage;
 pub mod config;
 pub mod http;
 pub mod media;

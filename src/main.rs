@@ -99,6 +99,7 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
     };
     if args.dev {
         cfg.keys.insert(DEV_KEY.into(), DEV_SECRET.into());
+        cfg.call_page.enabled = true;
     }
     Ok(cfg)
 }

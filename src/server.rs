@@ -65,7 +65,28 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         jurisdiction = %cfg.server.jurisdiction,
         "moselle listening"
     );
-    let app = crate::http::app(media.clone());
+    let call_page = if cfg.call_page.enabled {
+        // The dev key if there is one, else the first key by name.
+        let mut names: Vec<&String> = cfg.keys.keys().collect();
+        names.sort();
+        let key = cfg
+            .keys
+            .get_key_value(crate::config::DEV_KEY)
+            .map(|(k, _)| k)
+            .or(names.first().copied())
+            .cloned()
+            .unwrap_or_default();
+        tracing::warn!("call page enabled at /call/: anyone who reaches it can join any room");
+        Some(crate::callpage::CallPage {
+            keys: KeySet::new(cfg.keys.clone()),
+            key,
+            assets_dir: cfg.call_page.assets_dir.clone(),
+            token_ttl: Duration::from_secs(cfg.call_page.token_ttl_secs.max(60)),
+        })
+    } else {
+        None
+    };
+    let app = crate::http::app(media.clone(), call_page);
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())

@@ -252,6 +252,23 @@ fn error_to(p: &mut Participant, reason: lk::request_response::Reason, message: 
     }));
 }
 
+fn full_mime(kind: lk::TrackType, codec: &str) -> String {
+    if codec.contains('/') || codec.is_empty() {
+        return codec.to_string();
+    }
+    let top = if kind == lk::TrackType::Audio {
+        "audio"
+    } else {
+        "video"
+    };
+    let name = if codec.eq_ignore_ascii_case("opus") {
+        "opus".to_string()
+    } else {
+        codec.to_ascii_uppercase()
+    };
+    format!("{top}/{name}")
+}
+
 fn quality_layer(q: i32, top: Layer) -> Option<Layer> {
     match lk::VideoQuality::try_from(q) {
         Ok(lk::VideoQuality::Low) => Some(0),
@@ -1013,7 +1030,9 @@ impl Core {
                 .simulcast_codecs
                 .iter()
                 .map(|c| lk::SimulcastCodecInfo {
-                    mime_type: c.codec.clone(),
+                    // Clients send "vp8"; TrackInfo carries "video/VP8"
+                    // (livekit-client splits it at '/').
+                    mime_type: full_mime(kind, &c.codec),
                     cid: c.cid.clone(),
                     layers: c.layers.clone(),
                     ..Default::default()

@@ -60,8 +60,10 @@ def pc_mode(request):
 
 
 def test_simulcast_layer_per_subscriber(server, pc_mode):
-    """B asks for low, medium, high in turn; C keeps high all along."""
+    """B asks for low, medium, high in turn; C keeps high all along. (960x540
+    keeps three encoders and two decoders within these 2 cores.)"""
     room = unique_room("simulcast")
+    W, H = 960, 540
 
     async def scenario():
         async with contextlib.AsyncExitStack() as stack:
@@ -69,24 +71,34 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
             b = await stack.enter_async_context(Client("B"))
             c = await stack.enter_async_context(Client("C"))
             await a.connect(server.url, server.token("A", room), **pc_mode)
-            vpub = await a.publish_video(1280, 720, 20, simulcast=True)
+            vpub = await a.publish_video(W, H, 20, simulcast=True)
             await b.connect(server.url, server.token("B", room), **pc_mode)
             await c.connect(server.url, server.token("C", room), **pc_mode)
             for x in (b, c):
                 await x.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
             await asyncio.gather(_wait_video(b, vpub.sid, "A"), _wait_video(c, vpub.sid, "A"))
             bst, cst = b.probe.video[vpub.sid], c.probe.video[vpub.sid]
-            await wait_size(bst, (1280, 720), "B (default: top layer)")
+            await wait_size(bst, (W, H), "B (default: top layer)")
 
             bpub = b.room.remote_participants["A"].track_publications[vpub.sid]
-            bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_LOW)
-            await wait_size(bst, (320, 180), "B after LOW")
-            assert (cst.width, cst.height) == (1280, 720), f"C must keep the top layer: {cst.describe()}"
-            bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_MEDIUM)
-            await wait_size(bst, (640, 360), "B after MEDIUM")
+            sizes = {}
+            for q, name in ((rtc.VideoQuality.VIDEO_QUALITY_LOW, "LOW"), (rtc.VideoQuality.VIDEO_QUALITY_MEDIUM, "MEDIUM")):
+                bpub.set_video_quality(q)
+                prev = (bst.width, bst.height)
+                await wait_until(
+                    lambda: (bst.width, bst.height) != prev and 0 < bst.width < W,
+                    10.0,
+                    lambda: f"B after {name}: expected a smaller layer than {prev}; got {bst.describe()}",
+                )
+                sizes[name] = (bst.width, bst.height)
+                await wait_size(bst, sizes[name], f"B after {name}")
+                assert (cst.width, cst.height) == (W, H), f"C must keep the top layer: {cst.describe()}"
+            assert sizes["LOW"][0] < sizes["MEDIUM"][0] < W, f"layers must grow LOW < MEDIUM < HIGH: {sizes}"
+            for w, h in sizes.values():
+                assert abs(w / h - W / H) < 0.05, f"layer {w}x{h} lost the aspect ratio"
             bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
-            await wait_size(bst, (1280, 720), "B after HIGH")
-            assert (cst.width, cst.height) == (1280, 720), f"C must keep the top layer: {cst.describe()}"
+            await wait_size(bst, (W, H), "B after HIGH")
+            assert (cst.width, cst.height) == (W, H), f"C must keep the top layer: {cst.describe()}"
             assert bst.error is None and cst.error is None, (bst.describe(), cst.describe())
 
     run(scenario, timeout=90)

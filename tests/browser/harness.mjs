@@ -1,0 +1,177 @@
+// Shared pieces of the browser tests: a Moselle server on the namespace's
+// address, headless Chromium (Debian's) through playwright-core, and the
+// call page driven like a person would drive it.
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { createRequire } from 'node:module';
+import { mkdirSync, writeFileSync } from 'node:fs';
+
+import { join, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const require = createRequire(import.meta.url);
+const here = dirname(fileURLToPath(import.meta.url));
+export const repo = join(here, '..', '..');
+const { chromium } = require(join(repo, 'web', 'node_modules', 'playwright-core'));
+
+export const HOST = process.env.MOSELLE_TEST_IP || '127.0.0.1';
+export const OUT = join(repo, 'tests', 'out');
+mkdirSync(OUT, { recursive: true });
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+export async function waitFor(what, fn, timeoutMs = 15000, everyMs = 200) {
+  const end = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last: ${describe(last)}`);
+    await sleep(everyMs);
+  }
+}
+
+function describe(v) {
+  if (v instanceof Error) return v.message;
+  try { return JSON.stringify(v); } catch { return String(v); }
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, HOST, () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+    s.on('error', reject);
+  });
+}
+
+/** Start `moselle serve --dev` on free ports; resolves once /healthz is 200. */
+export async function startServer(extraArgs = []) {
+  const bin = process.env.MOSELLE_BIN || join(repo, 'target', 'debug', 'moselle');
+  const httpPort = await freePort();
+  const udpPort = await freePort();
+  const args = ['serve', '--dev', '--bind', HOST, '--http-port', String(httpPort), '--udp-port', String(udpPort), ...extraArgs];
+  const proc = spawn(bin, args, {
+    cwd: repo,
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const log = [];
+  const keep = (d) => { log.push(...d.toString().split('\n')); if (log.length > 400) log.splice(0, log.length - 400); };
+  proc.stdout.on('data', keep);
+  proc.stderr.on('data', keep);
+  let exited = null;
+  proc.on('exit', (code) => { exited = code; });
+  const base = `http://${HOST}:${httpPort}`;
+  await waitFor('the server to answer /healthz', async () => {
+    if (exited !== null) throw new Error(`moselle exited with ${exited}:\n${log.join('\n')}`);
+    const r = await fetch(`${base}/healthz`).catch(() => null);
+    return r && r.status === 200;
+  }, 10000, 100);
+  return {
+    base,
+    udpPort,
+    log,
+    async metric(name) {
+      const text = await (await fetch(`${base}/metrics`)).text();
+      const line = text.split('\n').find((l) => l.startsWith(`moselle_${name} `));
+      if (!line) throw new Error(`metric moselle_${name} not exported`);
+      return Number(line.split(' ')[1]);
+    },
+    async stop() {
+      if (exited === null) {
+        proc.kill('SIGTERM');
+        await Promise.race([new Promise((r) => proc.on('exit', r)), sleep(3000)]);
+        if (exited === null) proc.kill('SIGKILL');
+      }
+    },
+  };
+}
+
+/** A 440 Hz tone as a WAV file: Chromium's fake microphone plays it in a
+ * loop, so there is a continuous speaker (its default beep is too short). */
+function toneWav(path, seconds = 5, rate = 48000, hz = 440) {
+  const n = seconds * rate;
+  const buf = Buffer.alloc(44 + n * 2);
+  buf.write('RIFF', 0); buf.writeUInt32LE(36 + n * 2, 4); buf.write('WAVE', 8);
+  buf.write('fmt ', 12); buf.writeUInt32LE(16, 16); buf.writeUInt16LE(1, 20); buf.writeUInt16LE(1, 22);
+  buf.writeUInt32LE(rate, 24); buf.writeUInt32LE(rate * 2, 28); buf.writeUInt16LE(2, 32); buf.writeUInt16LE(16, 34);
+  buf.write('data', 36); buf.writeUInt32LE(n * 2, 40);
+  for (let i = 0; i < n; i++) buf.writeInt16LE(Math.round(12000 * Math.sin((2 * Math.PI * hz * i) / rate)), 44 + i * 2);
+  writeFileSync(path, buf);
+  return path;
+}
+
+/** Debian's Chromium, headless, with a fake camera and microphone. The
+ * server's plain-HTTP origin is treated as secure so getUserMedia works. */
+export async function launchBrowser(server) {
+  return chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
+      '--disable-sync', '--no-first-run', '--disable-quic',
+      '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+      '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
+      `--unsafely-treat-insecure-origin-as-secure=${server.base}`,
+      `--use-file-for-fake-audio-capture=${toneWav(join(OUT, 'tone-440.wav'))}`,
+    ],
+  });
+}
+
+/**
+ * A participant: one browser context with the call page open.
+ * opts: { room, name, e2ee, query }
+ */
+export async function openCall(browser, server, opts) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e.stack || e)));
+  page.on('console', (m) => { if (m.type() === 'error' || m.type() === 'warning') errors.push(m.text() + ' @' + JSON.stringify(m.location())); });
+  const q = new URLSearchParams({ room: opts.room, name: opts.name, ...(opts.e2ee ? { e2ee: opts.e2ee } : {}), ...(opts.query || {}) });
+  await page.goto(`${server.base}/call/?${q}`);
+  if (opts.autojoin !== false) {
+    await page.click('#join button[type=submit]');
+    await waitFor(`${opts.name} to connect`, () => page.evaluate(() => window.moselleCall.events.some((e) => e.type === 'connected')), 20000)
+      .catch(async (e) => {
+        const err = await page.textContent('#error').catch(() => '');
+        throw new Error(`${e.message}; page error: ${err}; console: ${errors.join(' | ')}`);
+      });
+  }
+  return { context, page, errors, name: opts.name };
+}
+
+/** Inbound video stats of the track `from` publishes, as this page sees it. */
+export async function inboundVideo(p, from) {
+  return p.page.evaluate(async (from) => {
+    const room = window.moselleCall.room;
+    const rp = [...room.remoteParticipants.values()].find((x) => x.identity === from);
+    if (!rp) return null;
+    const pub = [...rp.videoTrackPublications.values()][0];
+    if (!pub || !pub.track) return null;
+    const report = await pub.track.getRTCStatsReport();
+    let out = null;
+    report?.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') {
+        out = { framesDecoded: s.framesDecoded || 0, width: s.frameWidth || 0, height: s.frameHeight || 0,
+                nackCount: s.nackCount || 0, bytes: s.bytesReceived || 0, keyFrames: s.keyFramesDecoded || 0 };
+      }
+    });
+    return out;
+  }, from);
+}
+
+/** Frames decoded from `from`'s video over `ms`. */
+export async function framesOver(p, from, ms) {
+  const a = await inboundVideo(p, from);
+  await sleep(ms);
+  const b = await inboundVideo(p, from);
+  return (b?.framesDecoded || 0) - (a?.framesDecoded || 0);
+}
