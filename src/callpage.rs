@@ -77,6 +77,9 @@ struct TokenRequest {
     identity: String,
     #[serde(default)]
     name: String,
+    /// Lets the participant change its own metadata and attributes.
+    #[serde(default)]
+    can_update_metadata: bool,
 }
 
 async fn token(
@@ -95,6 +98,9 @@ async fn token(
     }
     let mut claims = join_claims(room, identity, page.token_ttl);
     claims.name = req.name.trim().chars().take(256).collect();
+    if let Some(v) = claims.video.as_mut() {
+        v.can_update_own_metadata = Some(req.can_update_metadata);
+    }
     let token = match page.keys.mint(&page.key, &claims) {
         Ok(t) => t,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),

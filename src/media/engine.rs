@@ -30,6 +30,7 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
+use super::data;
 use super::forward::{layer_for_size, Forwarder, Layer, Verdict};
 use super::keyframe::VideoCodec;
 use super::participant::{
@@ -252,6 +253,22 @@ fn error_to(p: &mut Participant, reason: lk::request_response::Reason, message: 
     }));
 }
 
+/// A refusal that names the request, so the client can fail that call.
+fn refuse_request(
+    p: &mut Participant,
+    reason: lk::request_response::Reason,
+    message: String,
+    request_id: u32,
+    request: lk::request_response::Request,
+) {
+    p.send(Resp::RequestResponse(lk::RequestResponse {
+        request_id,
+        reason: reason as i32,
+        message,
+        request: Some(request),
+    }));
+}
+
 fn full_mime(kind: lk::TrackType, codec: &str) -> String {
     if codec.contains('/') || codec.is_empty() {
         return codec.to_string();
@@ -461,6 +478,18 @@ impl Core {
                     tracing::debug!(participant = %p.sid, state = ?s, "ice state");
                 }
             }
+            Event::ChannelOpen(id, label) => {
+                if let Some(peer) = self.parts.get_mut(key).and_then(|p| p.peer_mut(role)) {
+                    peer.channels.retain(|(c, _)| *c != id);
+                    peer.channels.push((id, label));
+                }
+            }
+            Event::ChannelClose(id) => {
+                if let Some(peer) = self.parts.get_mut(key).and_then(|p| p.peer_mut(role)) {
+                    peer.channels.retain(|(c, _)| *c != id);
+                }
+            }
+            Event::ChannelData(d) => self.data_in(key, role, d),
             Event::Connected => {
                 if let Some(p) = self.parts.get_mut(key) {
                     tracing::info!(participant = %p.sid, "media connected");
@@ -783,6 +812,7 @@ impl Core {
             slots: Vec::new(),
             reoffer_requested: false,
             broken: false,
+            last_data_seq: 0,
         };
         let key = self.parts.insert(p);
         self.by_ufrag.insert(ufrag, (key, PcRole::Main));
@@ -882,25 +912,7 @@ impl Core {
             Req::Subscription(s) => self.update_subscription(key, s),
             Req::TrackSetting(s) => self.track_settings(key, s),
             Req::Leave(_) => self.remove_participant(key, None),
-            Req::UpdateMetadata(m) => {
-                let Some(p) = self.parts.get_mut(key) else {
-                    return;
-                };
-                if !p.permission.can_update_metadata {
-                    error_to(
-                        p,
-                        lk::request_response::Reason::NotAllowed,
-                        "metadata updates are not granted".into(),
-                    );
-                    return;
-                }
-                p.metadata = m.metadata;
-                if !m.name.is_empty() {
-                    p.name = m.name;
-                }
-                p.attributes.extend(m.attributes);
-                self.broadcast_participant(key, true);
-            }
+            Req::UpdateMetadata(m) => self.update_metadata(key, m),
             Req::SyncState(_)
             | Req::Simulate(_)
             | Req::UpdateLayers(_)
@@ -962,7 +974,13 @@ impl Core {
         };
         let refuse = |p: &mut Participant, counters: &MediaCounters, why: String| {
             MediaCounters::add(&counters.signal_errors, 1);
-            error_to(p, lk::request_response::Reason::NotAllowed, why);
+            refuse_request(
+                p,
+                lk::request_response::Reason::NotAllowed,
+                why,
+                0,
+                lk::request_response::Request::AddTrack(a.clone()),
+            );
         };
         if !p.permission.can_publish {
             refuse(
@@ -1394,6 +1412,98 @@ impl Core {
         }
     }
 
+    // ------------------------------------------------------------- data
+
+    fn data_in(&mut self, key: usize, role: PcRole, d: str0m::channel::ChannelData) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let Some(label) = p
+            .peer_mut(role)
+            .and_then(|peer| peer.channels.iter().find(|(c, _)| *c == d.id))
+            .map(|(_, l)| l.clone())
+        else {
+            return;
+        };
+        let out = match data::prepare(p, &label, &d.data) {
+            Ok(Some(o)) => o,
+            Ok(None) => return,
+            Err(e) => {
+                MediaCounters::add(&self.counters.signal_errors, 1);
+                tracing::debug!(participant = %p.sid, error = %e, "data packet refused");
+                return;
+            }
+        };
+        let room = p.room;
+        for m in self.rooms[room].participants.clone() {
+            if m == key {
+                continue;
+            }
+            let Some(o) = self.parts.get_mut(m) else {
+                continue;
+            };
+            if !data::wanted_by(o, &out.destinations) {
+                continue;
+            }
+            // Downstream data goes on the connection that carries media to
+            // the receiver: its own channels (single PC) or ours (dual PC).
+            let peer = o.send_peer();
+            let Some(id) = peer
+                .channels
+                .iter()
+                .find(|(_, l)| l == out.label)
+                .map(|(c, _)| *c)
+            else {
+                continue;
+            };
+            if let Some(mut ch) = peer.rtc.channel(id) {
+                if let Err(e) = ch.write(true, &out.bytes) {
+                    tracing::debug!(error = %e, "data packet not delivered");
+                }
+            }
+            Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, m);
+        }
+    }
+
+    fn update_metadata(&mut self, key: usize, m: lk::UpdateParticipantMetadata) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let request_id = m.request_id;
+        if !p.permission.can_update_metadata {
+            MediaCounters::add(&self.counters.signal_errors, 1);
+            refuse_request(
+                p,
+                lk::request_response::Reason::NotAllowed,
+                "metadata updates are not granted (canUpdateOwnMetadata)".into(),
+                request_id,
+                lk::request_response::Request::UpdateMetadata(m),
+            );
+            return;
+        }
+        if !m.name.is_empty() {
+            p.name = m.name;
+        }
+        if !m.metadata.is_empty() {
+            p.metadata = m.metadata;
+        }
+        for (k, v) in m.attributes {
+            if v.is_empty() {
+                p.attributes.remove(&k);
+            } else {
+                p.attributes.insert(k, v);
+            }
+        }
+        self.broadcast_participant(key, true);
+        if let Some(p) = self.parts.get_mut(key) {
+            p.send(Resp::RequestResponse(lk::RequestResponse {
+                request_id,
+                reason: lk::request_response::Reason::Ok as i32,
+                ..Default::default()
+            }));
+        }
+    }
+
     // ------------------------------------------------------ negotiation
 
     fn offer(&mut self, key: usize, sd: lk::SessionDescription) {
@@ -1428,6 +1538,14 @@ impl Core {
             }
         };
         let answer_text = answer.to_sdp_string();
+        // A remote ICE restart gives us new local credentials: STUN from new
+        // addresses is routed by the new ufrag.
+        let ufrag = p.peer.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag != p.peer.ufrag {
+            self.by_ufrag.remove(&p.peer.ufrag);
+            self.by_ufrag.insert(ufrag.clone(), (key, PcRole::Main));
+            p.peer.ufrag = ufrag;
+        }
         p.peer.remote = sdp::parse(&sd.sdp);
         p.peer.local = sdp::parse(&answer_text);
         p.reoffer_requested = false;

@@ -1,6 +1,7 @@
 //! The media plane: UDP I/O, rooms, participants, forwarding. Everything
 //! here runs on the engine thread except [`handle`], the thread-safe door.
 
+pub mod data;
 pub mod engine;
 pub mod forward;
 pub mod handle;

@@ -29,6 +29,8 @@ pub struct Peer {
     /// subscriber: our offer, their answer).
     pub remote: SdpInfo,
     pub local: SdpInfo,
+    /// Open data channels by label (`_reliable`, `_lossy`, ...).
+    pub channels: Vec<(str0m::channel::ChannelId, String)>,
 }
 
 impl Peer {
@@ -41,6 +43,7 @@ impl Peer {
             rx_routes: Vec::new(),
             remote: SdpInfo::default(),
             local: SdpInfo::default(),
+            channels: Vec::new(),
         }
     }
 
@@ -147,6 +150,8 @@ pub struct Participant {
     pub reoffer_requested: bool,
     /// Set when the outbound queue overflowed or closed.
     pub broken: bool,
+    /// Last reliable data sequence seen from this participant (dedup).
+    pub last_data_seq: u32,
 }
 
 impl Participant {

@@ -6,6 +6,7 @@
 
 const { Room, RoomEvent, Track, ExternalE2EEKeyProvider } = LivekitClient;
 const $ = (sel) => document.querySelector(sel);
+const params = new URLSearchParams(location.search);
 
 function showError(msg) {
   const e = $('#error');
@@ -55,10 +56,12 @@ async function join(form) {
   const room = form.room.value.trim();
   const name = form.name.value.trim();
   const e2eeKey = form.e2ee.value;
+  const withMedia = form.media.checked;
+  const canUpdateMetadata = params.get('canUpdateMetadata') === '1';
   const res = await fetch('token', {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ room, identity: name, name }),
+    body: JSON.stringify({ room, identity: name, name, can_update_metadata: canUpdateMetadata }),
   });
   if (!res.ok) throw new Error(`token request failed: ${res.status} ${await res.text()}`);
   const { token, url } = await res.json();
@@ -101,8 +104,10 @@ async function join(form) {
   $('#status').textContent = 'connected';
   tileFor(lk.localParticipant);
   lk.remoteParticipants.forEach((p) => tileFor(p));
-  await lk.localParticipant.enableCameraAndMicrophone();
-  lk.localParticipant.videoTrackPublications.forEach((pub) => pub.track && attach(pub.track, lk.localParticipant));
+  if (withMedia) {
+    await lk.localParticipant.enableCameraAndMicrophone();
+    lk.localParticipant.videoTrackPublications.forEach((pub) => pub.track && attach(pub.track, lk.localParticipant));
+  }
   log('connected', { identity: lk.localParticipant.identity });
 }
 
@@ -127,7 +132,7 @@ $('#cam').addEventListener('click', async () => {
 });
 $('#leave').addEventListener('click', () => window.moselleCall.room?.disconnect());
 
-// Prefill from the address: ?room=R&name=N&e2ee=K&autojoin=1
-const params = new URLSearchParams(location.search);
+// Prefill from the address: ?room=R&name=N&e2ee=K&media=0&autojoin=1
 for (const k of ['room', 'name', 'e2ee']) if (params.get(k)) $('#join')[k].value = params.get(k);
+if (params.get('media') === '0') $('#join').media.checked = false;
 if (params.get('autojoin') === '1') $('#join').requestSubmit();
