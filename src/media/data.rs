@@ -82,5 +82,5 @@ pub fn prepare(
 
 /// Whether `receiver` should get a packet for `destinations`.
 pub fn wanted_by(receiver: &Participant, destinations: &[String]) -> bool {
-    destinations.is_empty() || destinations.iter().any(|d| *d == receiver.identity)
+    destinations.is_empty() || destinations.contains(&receiver.identity)
 }
