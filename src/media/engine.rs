@@ -49,6 +49,9 @@ pub const PROTOCOL_VERSION: i32 = 16;
 const PING_INTERVAL: i32 = 5;
 const PING_TIMEOUT: i32 = 15;
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// Dynacast: fewer layers are requested only after this long, so a
+/// subscriber flicking between sizes does not make publishers churn.
+const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
 /// Datagram batches read before commands get a turn.
 const BATCHES_PER_TURN: usize = 16;
 
@@ -1142,6 +1145,7 @@ impl Core {
                     l.spatial_layer = ix as i32;
                 }
             }
+            let rids_len = rids.len();
             let video_codec = match codec.as_ref().map(|c| c.name.as_str()) {
                 Some("vp8") => VideoCodec::Vp8,
                 Some("h264") => VideoCodec::H264,
@@ -1161,6 +1165,8 @@ impl Core {
                 last_keyframe_request: [None; MAX_LAYERS],
                 subscribers: Vec::new(),
                 meter: Default::default(),
+                dyn_sent: (rids_len.max(1) - 1) as i8,
+                dyn_lower_since: Some(Instant::now()),
             };
             let tk = self.rooms[room_key].tracks.insert(track);
             p.published.push(tk);
@@ -1409,6 +1415,66 @@ impl Core {
         let now = Instant::now();
         for (tk, l) in need_kf {
             self.request_keyframe(room, tk, l, now);
+        }
+    }
+
+    // --------------------------------------------------------- dynacast
+
+    /// Tell publishers which simulcast layers anyone wants: more at once,
+    /// fewer after [`DYNACAST_DOWN_DELAY`].
+    fn dynacast(&mut self, now: Instant) {
+        let mut updates: Vec<(usize, lk::SubscribedQualityUpdate)> = Vec::new();
+        for (_, room) in self.rooms.iter_mut() {
+            for (_, t) in room.tracks.iter_mut() {
+                if t.kind != Kind::Video {
+                    continue;
+                }
+                let wanted: i8 = t
+                    .subscribers
+                    .iter()
+                    .filter_map(|(sp, sk)| self.parts.get(*sp)?.subs.get(*sk))
+                    .filter(|s| !s.disabled)
+                    .map(|s| s.fwd.target as i8)
+                    .max()
+                    .unwrap_or(-1);
+                let send = if wanted > t.dyn_sent {
+                    true
+                } else if wanted < t.dyn_sent {
+                    let since = *t.dyn_lower_since.get_or_insert(now);
+                    now.duration_since(since) >= DYNACAST_DOWN_DELAY
+                } else {
+                    t.dyn_lower_since = None;
+                    false
+                };
+                if !send {
+                    continue;
+                }
+                t.dyn_sent = wanted;
+                t.dyn_lower_since = None;
+                // Layers are indexed by rid order; qualities LOW..HIGH map
+                // onto them the same way.
+                let qualities: Vec<lk::SubscribedQuality> = (0..3)
+                    .map(|q| lk::SubscribedQuality {
+                        quality: q,
+                        enabled: (q as i8) <= wanted,
+                    })
+                    .collect();
+                let codec = t.codec.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+                updates.push((
+                    t.publisher,
+                    lk::SubscribedQualityUpdate {
+                        track_sid: t.sid.clone(),
+                        subscribed_qualities: qualities.clone(),
+                        subscribed_codecs: vec![lk::SubscribedCodec { codec, qualities }],
+                    },
+                ));
+            }
+        }
+        for (pk, u) in updates {
+            if let Some(p) = self.parts.get_mut(pk) {
+                tracing::debug!(track = %u.track_sid, "dynacast update");
+                p.send(Resp::SubscribedQualityUpdate(u));
+            }
         }
     }
 
@@ -2021,6 +2087,7 @@ impl Core {
                 }
             }
         }
+        self.dynacast(now);
         // Close rooms that stayed empty.
         let closing: Vec<usize> = self
             .rooms

@@ -116,15 +116,22 @@ impl Forwarder {
     }
 }
 
-/// The layer that fits a requested size: the smallest whose width and
-/// height cover it, else the largest. `layers` are (width, height) from
-/// lowest to highest.
+/// The layer that fits a requested size, as LiveKit picks it: the smallest
+/// layer at least 90 % as tall as requested, else the largest. `layers` are
+/// (width, height) from lowest to highest; a zero height compares widths.
 pub fn layer_for_size(layers: &[(u32, u32)], width: u32, height: u32) -> Layer {
     if layers.is_empty() {
         return 0;
     }
-    for (i, (w, h)) in layers.iter().enumerate() {
-        if *w >= width && *h >= height {
+    let (want, side): (u32, fn(&(u32, u32)) -> u32) =
+        if height > 0 && layers.iter().all(|l| l.1 > 0) {
+            (height, |l| l.1)
+        } else {
+            (width, |l| l.0)
+        };
+    let need = want as u64 * 9 / 10;
+    for (i, l) in layers.iter().enumerate() {
+        if side(l) as u64 >= need {
             return i as Layer;
         }
     }
@@ -201,9 +208,11 @@ mod tests {
     #[test]
     fn size_to_layer() {
         let l = [(320, 180), (640, 360), (1280, 720)];
-        assert_eq!(layer_for_size(&l, 100, 100), 0);
-        assert_eq!(layer_for_size(&l, 321, 100), 1);
+        assert_eq!(layer_for_size(&l, 100, 56), 0);
+        assert_eq!(layer_for_size(&l, 356, 200), 0); // 180 >= 0.9 * 200
+        assert_eq!(layer_for_size(&l, 400, 225), 1);
         assert_eq!(layer_for_size(&l, 1280, 720), 2);
         assert_eq!(layer_for_size(&l, 4000, 4000), 2);
+        assert_eq!(layer_for_size(&[(320, 0), (640, 0)], 500, 0), 1);
     }
 }

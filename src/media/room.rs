@@ -33,6 +33,10 @@ pub struct Track {
     /// (subscriber participant key, its subscription key).
     pub subscribers: Vec<(usize, usize)>,
     pub meter: LevelMeter,
+    /// Dynacast: highest layer the publisher was last told to send
+    /// (-1: none), and since when fewer have been wanted.
+    pub dyn_sent: i8,
+    pub dyn_lower_since: Option<Instant>,
 }
 
 impl Track {

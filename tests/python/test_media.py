@@ -200,6 +200,60 @@ def test_video_codecs(server, codec):
     run(scenario, timeout=60)
 
 
+async def encoded_by_width(client: Client) -> dict[int, int]:
+    """frames_encoded per simulcast encoding, keyed by its frame width."""
+    out = {}
+    for s in await client.video_track.get_stats():
+        if s.WhichOneof("stats") == "outbound_rtp":
+            o = s.outbound_rtp.outbound
+            out[o.frame_width] = max(out.get(o.frame_width, 0), o.frames_encoded)
+    return out
+
+
+def test_dynacast_pauses_unwanted_layers(server):
+    """With dynacast on, the publisher stops encoding layers nobody wants
+    (after the 5 s grace) and starts them again when someone does."""
+    room = unique_room("dynacast")
+    W, H = 960, 540
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room), dynacast=True)
+            vpub = await a.publish_video(W, H, 15, simulcast=True)
+            await b.connect(server.url, server.token("B", room))
+            await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
+            await _wait_video(b, vpub.sid, "A")
+            b.room.remote_participants["A"].track_publications[vpub.sid].set_video_quality(
+                rtc.VideoQuality.VIDEO_QUALITY_LOW)
+
+            async def growth(seconds: float) -> dict[int, int]:
+                e0 = await encoded_by_width(a)
+                await asyncio.sleep(seconds)
+                e1 = await encoded_by_width(a)
+                return {w: e1.get(w, 0) - e0.get(w, 0) for w in e1}
+
+            # After the grace period only the lowest layer is still encoded.
+            await asyncio.sleep(7)
+            g = await growth(2)
+            top, low = max(g), min(g)
+            print(f"dynacast, B wants LOW: frames encoded per layer in 2 s: {g}")
+            assert g[low] >= 10, f"the wanted low layer must keep going: {g}"
+            assert g[top] == 0, f"nobody wants the top layer, the publisher must pause it: {g}"
+
+            # B asks for the top layer again: it comes back promptly.
+            b.room.remote_participants["A"].track_publications[vpub.sid].set_video_quality(
+                rtc.VideoQuality.VIDEO_QUALITY_HIGH)
+            st = b.probe.video[vpub.sid]
+            await wait_size(st, (W, H), "B after HIGH with dynacast")
+            g = await growth(2)
+            print(f"dynacast, B wants HIGH: {g}")
+            assert g[max(g)] >= 10, f"the top layer must be encoded again: {g}"
+
+    run(scenario, timeout=60)
+
+
 def test_active_speakers(server):
     """A plays a loud tone, B sends silence: B's SDK reports A speaking, not B."""
     room = unique_room("speakers")
