@@ -123,12 +123,9 @@ pub fn layer_for_size(layers: &[(u32, u32)], width: u32, height: u32) -> Layer {
     if layers.is_empty() {
         return 0;
     }
-    let (want, side): (u32, fn(&(u32, u32)) -> u32) =
-        if height > 0 && layers.iter().all(|l| l.1 > 0) {
-            (height, |l| l.1)
-        } else {
-            (width, |l| l.0)
-        };
+    let by_height = height > 0 && layers.iter().all(|l| l.1 > 0);
+    let side = |l: &(u32, u32)| if by_height { l.1 } else { l.0 };
+    let want = if by_height { height } else { width };
     let need = want as u64 * 9 / 10;
     for (i, l) in layers.iter().enumerate() {
         if side(l) as u64 >= need {
