@@ -52,6 +52,7 @@ pub struct RoomConfig {
     pub empty_timeout_secs: u64,
     pub departure_timeout_secs: u64,
     pub max_participants: u32,
+    pub resume_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

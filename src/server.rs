@@ -43,6 +43,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         departure_timeout_secs: cfg.room.departure_timeout_secs,
         max_participants: cfg.room.max_participants,
         pli_throttle: Duration::from_millis(cfg.rtc.pli_throttle_ms),
+        resume_window: Duration::from_secs(cfg.room.resume_window_secs),
     };
     let media = MediaHandle::start(engine_cfg, udp, KeySet::new(cfg.keys.clone()))
         .context("cannot start the media engine")?;

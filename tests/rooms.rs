@@ -6,13 +6,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lk::signal_request::Message as Req;
+use moselle::signaling::proto as lk;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_closes_after_last_participant_leaves() {
     let s = start_with(|c| c.room.departure_timeout_secs = 1).await;
-    let (ws, _join) = join(s.addr, &token("lifecycle", "alice")).await;
+    let (mut ws, _join) = join(s.addr, &token("lifecycle", "alice")).await;
     assert_eq!(metric(s.addr, "moselle_rooms").await, 1);
     assert_eq!(metric(s.addr, "moselle_participants").await, 1);
+    send(&mut ws, Req::Leave(lk::LeaveRequest::default())).await;
     drop(ws);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -33,7 +36,8 @@ async fn room_closes_after_last_participant_leaves() {
 async fn room_stays_open_while_someone_is_in_it() {
     let s = start_with(|c| c.room.departure_timeout_secs = 1).await;
     let (_a, _) = join(s.addr, &token("busy", "alice")).await;
-    let (b, _) = join(s.addr, &token("busy", "bob")).await;
+    let (mut b, _) = join(s.addr, &token("busy", "bob")).await;
+    send(&mut b, Req::Leave(lk::LeaveRequest::default())).await;
     drop(b);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -68,4 +72,30 @@ async fn a_full_room_refuses_the_next_join() {
     let r = upgrade_attempt(s.addr, &format!("&access_token={t}"), &[]).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("room_full"), "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_socket_is_kept_for_the_resume_window_then_removed() {
+    let s = start_with(|c| {
+        c.room.resume_window_secs = 2;
+        c.room.departure_timeout_secs = 1;
+    })
+    .await;
+    let (_a, _) = join(s.addr, &token("drop", "alice")).await;
+    let (b, _) = join(s.addr, &token("drop", "bob")).await;
+    drop(b); // no Leave: the client may come back
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        metric(s.addr, "moselle_participants").await,
+        2,
+        "bob must be kept for a resume"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(s.addr, "moselle_participants").await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "bob still there after the resume window"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

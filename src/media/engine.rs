@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub departure_timeout_secs: u64,
     pub max_participants: u32,
     pub pli_throttle: Duration,
+    /// How long a participant whose signaling socket dropped is kept for a
+    /// resume.
+    pub resume_window: Duration,
 }
 
 pub enum Command {
@@ -683,12 +686,26 @@ impl Core {
                 }
             }
             Command::Closed { key, gen } => {
-                if self.parts.get(key).is_some_and(|p| p.gen == gen) {
-                    self.remove_participant(key, None);
+                if let Some(p) = self.parts.get_mut(key).filter(|p| p.gen == gen) {
+                    // Media goes on; the client may resume the session.
+                    p.detached_at.get_or_insert_with(Instant::now);
+                    tracing::info!(participant = %p.sid, "signaling lost, waiting for a resume");
                 }
             }
         }
         self.reap_broken();
+    }
+
+    fn server_info(&self) -> lk::ServerInfo {
+        lk::ServerInfo {
+            edition: lk::server_info::Edition::Standard as i32,
+            version: COMPAT_VERSION.into(),
+            protocol: PROTOCOL_VERSION,
+            region: self.cfg.jurisdiction.clone(),
+            node_id: self.cfg.node_id.clone(),
+            debug_info: format!("moselle {}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        }
     }
 
     fn new_rtc(&self) -> Rtc {
@@ -715,7 +732,17 @@ impl Core {
         let JoinTicket { claims, options } = ticket;
         let grant = claims.video().clone();
         if options.reconnect {
-            // Resume is not offered yet: the client must rejoin.
+            let known = self.room_by_name.get(&grant.room).and_then(|rk| {
+                self.rooms[*rk].participants.iter().copied().find(|k| {
+                    self.parts.get(*k).is_some_and(|p| {
+                        p.identity == claims.sub && Some(&p.sid) == options.participant_sid.as_ref()
+                    })
+                })
+            });
+            if let Some(key) = known {
+                return Ok(self.resume(key, out));
+            }
+            // Nothing to resume: the client must join afresh.
             let _ = out.try_send(Outgoing::Signal(Box::new(Resp::Leave(lk::LeaveRequest {
                 reason: lk::DisconnectReason::StateMismatch as i32,
                 action: lk::leave_request::Action::Reconnect as i32,
@@ -762,6 +789,7 @@ impl Core {
                 pending: None,
                 offer_id: 0,
                 renegotiate: false,
+                restart_ice: false,
                 channels_added: false,
             })
         });
@@ -816,6 +844,7 @@ impl Core {
             reoffer_requested: false,
             broken: false,
             last_data_seq: 0,
+            detached_at: None,
         };
         let key = self.parts.insert(p);
         self.by_ufrag.insert(ufrag, (key, PcRole::Main));
@@ -823,6 +852,7 @@ impl Core {
             self.by_ufrag
                 .insert(sp.peer.ufrag.clone(), (key, PcRole::Subscriber));
         }
+        let server_info = self.server_info();
         let room = &mut self.rooms[room_key];
         room.participants.push(key);
         room.empty_since = None;
@@ -842,15 +872,7 @@ impl Core {
             participant: Some(self.parts[key].info(&room.tracks)),
             other_participants: others,
             server_version: COMPAT_VERSION.into(),
-            server_info: Some(lk::ServerInfo {
-                edition: lk::server_info::Edition::Standard as i32,
-                version: COMPAT_VERSION.into(),
-                protocol: PROTOCOL_VERSION,
-                region: self.cfg.jurisdiction.clone(),
-                node_id: self.cfg.node_id.clone(),
-                debug_info: format!("moselle {}", env!("CARGO_PKG_VERSION")),
-                ..Default::default()
-            }),
+            server_info: Some(server_info),
             // Dual PC: the client waits for our subscriber offer.
             subscriber_primary: dual && self.parts[key].permission.can_subscribe,
             ping_interval: PING_INTERVAL,
@@ -879,6 +901,49 @@ impl Core {
         }
         self.broadcast_participant(key, false);
         Ok((key, gen))
+    }
+
+    /// A client whose socket dropped comes back: same participant, same
+    /// tracks, same peer connections; it restarts ICE itself (single PC),
+    /// we do for the subscriber connection (dual PC).
+    fn resume(&mut self, key: usize, out: OutboundTx) -> (usize, u64) {
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let server_info = self.server_info();
+        let p = &mut self.parts[key];
+        // A late Closed from the old socket now names an old generation.
+        let _ = p.out.try_send(Outgoing::Close);
+        p.gen = gen;
+        p.out = out;
+        p.broken = false;
+        p.detached_at = None;
+        let room = p.room;
+        tracing::info!(participant = %p.sid, "session resumed");
+        p.send(Resp::Reconnect(lk::ReconnectResponse {
+            server_info: Some(server_info),
+            last_message_seq: p.last_data_seq,
+            ..Default::default()
+        }));
+        let r = &self.rooms[room];
+        let everyone: Vec<lk::ParticipantInfo> = r
+            .participants
+            .iter()
+            .filter_map(|k| self.parts.get(*k))
+            .filter(|o| !o.permission.hidden || o.sid == self.parts[key].sid)
+            .map(|o| o.info(&r.tracks))
+            .collect();
+        let room_info = r.info();
+        let p = &mut self.parts[key];
+        p.send(Resp::Update(lk::ParticipantUpdate {
+            participants: everyone,
+        }));
+        p.send(Resp::RoomUpdate(lk::RoomUpdate {
+            room: Some(room_info),
+        }));
+        if p.sub_peer.is_some() {
+            self.restart_subscriber_ice(key);
+        }
+        (key, gen)
     }
 
     fn create_room(&mut self, name: &str) -> usize {
@@ -916,10 +981,8 @@ impl Core {
             Req::TrackSetting(s) => self.track_settings(key, s),
             Req::Leave(_) => self.remove_participant(key, None),
             Req::UpdateMetadata(m) => self.update_metadata(key, m),
-            Req::SyncState(_)
-            | Req::Simulate(_)
-            | Req::UpdateLayers(_)
-            | Req::SubscriptionPermission(_) => {}
+            Req::SyncState(state) => self.sync_state(key, state),
+            Req::Simulate(_) | Req::UpdateLayers(_) | Req::SubscriptionPermission(_) => {}
             _ => {
                 let Some(p) = self.parts.get_mut(key) else {
                     return;
@@ -1418,6 +1481,35 @@ impl Core {
         }
     }
 
+    /// After a resume the client says what it believes it publishes; if we
+    /// do not know one of those tracks, only a full rejoin can fix it.
+    fn sync_state(&mut self, key: usize, state: lk::SyncState) {
+        let Some(p) = self.parts.get(key) else {
+            return;
+        };
+        let room = &self.rooms[p.room];
+        let unknown = state
+            .publish_tracks
+            .iter()
+            .filter_map(|t| t.track.as_ref())
+            .any(|t| {
+                !p.published
+                    .iter()
+                    .any(|k| room.tracks.get(*k).is_some_and(|x| x.sid == t.sid))
+                    && !p.pending_tracks.iter().any(|x| x.info.sid == t.sid)
+            });
+        if unknown {
+            tracing::info!(participant = %p.sid, "sync state names unknown tracks: full reconnect");
+            let p = &mut self.parts[key];
+            p.send(Resp::Leave(lk::LeaveRequest {
+                reason: lk::DisconnectReason::StateMismatch as i32,
+                action: lk::leave_request::Action::Reconnect as i32,
+                can_reconnect: true,
+                ..Default::default()
+            }));
+        }
+    }
+
     // --------------------------------------------------------- dynacast
 
     /// Tell publishers which simulcast layers anyone wants: more at once,
@@ -1792,6 +1884,34 @@ impl Core {
         }
     }
 
+    /// Dual PC, after a resume: offer the subscriber connection again with
+    /// new ICE credentials. An offer still pending was lost with the old
+    /// socket; what it added is offered again.
+    fn restart_subscriber_ice(&mut self, key: usize) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let Participant {
+            sub_peer,
+            subs,
+            slots,
+            ..
+        } = p;
+        let Some(sp) = sub_peer.as_mut() else {
+            return;
+        };
+        if sp.pending.take().is_some() {
+            for (_, sub) in subs.iter_mut().filter(|(_, s)| !s.live) {
+                if let Some(slot) = sub.slot.take().and_then(|i| slots.get_mut(i)) {
+                    slot.state = SlotState::Dead;
+                }
+            }
+        }
+        sp.restart_ice = true;
+        sp.renegotiate = false;
+        self.negotiate_subscriber(key);
+    }
+
     /// Dual PC: offer the subscriber connection with every subscription
     /// that has no m-line yet and without those that ended. One offer at a
     /// time; changes meanwhile are offered after the answer.
@@ -1813,6 +1933,9 @@ impl Core {
             return;
         }
         let mut api = sp.peer.rtc.sdp_api();
+        if std::mem::take(&mut sp.restart_ice) {
+            api.ice_restart(true);
+        }
         if !sp.channels_added {
             // Downstream data goes on our own channels, as LiveKit's do.
             api.add_channel_with_config(str0m::channel::ChannelConfig {
@@ -1865,6 +1988,13 @@ impl Core {
         let text = offer.to_sdp_string();
         sp.peer.local = sdp::parse(&text);
         sp.pending = Some(pending);
+        let ufrag = sp.peer.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag != sp.peer.ufrag {
+            self.by_ufrag.remove(&sp.peer.ufrag);
+            self.by_ufrag
+                .insert(ufrag.clone(), (key, PcRole::Subscriber));
+            sp.peer.ufrag = ufrag;
+        }
         sp.offer_id += 1;
         let id = sp.offer_id;
         p.send(Resp::Offer(lk::SessionDescription {
@@ -2011,10 +2141,13 @@ impl Core {
     }
 
     fn reap_broken(&mut self) {
+        let window = self.cfg.resume_window;
         let broken: Vec<usize> = self
             .parts
             .iter()
-            .filter(|(_, p)| p.broken || !p.alive())
+            .filter(|(_, p)| {
+                p.broken || !p.alive() || p.detached_at.is_some_and(|t| t.elapsed() >= window)
+            })
             .map(|(k, _)| k)
             .collect();
         for k in broken {

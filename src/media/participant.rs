@@ -64,6 +64,8 @@ pub struct SubscriberPeer {
     pub offer_id: u32,
     /// Changes arrived while an offer was pending: offer again after it.
     pub renegotiate: bool,
+    /// The next offer restarts ICE (after a resume).
+    pub restart_ice: bool,
     pub channels_added: bool,
 }
 
@@ -152,6 +154,8 @@ pub struct Participant {
     pub broken: bool,
     /// Last reliable data sequence seen from this participant (dedup).
     pub last_data_seq: u32,
+    /// The signaling socket is gone; the session may still be resumed.
+    pub detached_at: Option<Instant>,
 }
 
 impl Participant {
@@ -183,12 +187,19 @@ impl Participant {
     }
 
     /// Queue a message; a full queue marks the participant for removal.
+    /// Queue a message. A full queue (a client that stopped reading) marks
+    /// the participant for removal; a closed one (socket gone) detaches it
+    /// until it resumes.
     pub fn send(&mut self, msg: lk::signal_response::Message) {
-        if self.broken {
+        if self.broken || self.detached_at.is_some() {
             return;
         }
-        if self.out.try_send(Outgoing::Signal(Box::new(msg))).is_err() {
-            self.broken = true;
+        match self.out.try_send(Outgoing::Signal(Box::new(msg))) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => self.broken = true,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                self.detached_at = Some(Instant::now());
+            }
         }
     }
 

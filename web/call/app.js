@@ -89,6 +89,7 @@ async function join(form) {
       log('speakers', { who: speakers.map((p) => p.identity) });
     })
     .on(RoomEvent.DataReceived, (payload, p, kind, topic) => log('data', { from: p?.identity, text: new TextDecoder().decode(payload), kind, topic }))
+    .on(RoomEvent.SignalReconnecting, () => log('signal_reconnecting', {}))
     .on(RoomEvent.Reconnecting, () => { $('#status').textContent = 'reconnecting…'; log('reconnecting', {}); })
     .on(RoomEvent.Reconnected, () => { $('#status').textContent = 'connected'; log('reconnected', {}); })
     .on(RoomEvent.Disconnected, (reason) => { $('#status').textContent = 'disconnected'; log('disconnected', { reason }); })

@@ -1,0 +1,71 @@
+// Reconnects: a dropped signaling socket is resumed (same participant, no
+// rejoin, media keeps flowing), and an ICE restart over the existing
+// session brings the media path back.
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { startServer, launchBrowser, openCall, inboundVideo, framesOver, waitFor } from './harness.mjs';
+
+let server;
+let browser;
+before(async () => {
+  server = await startServer();
+  browser = await launchBrowser(server);
+});
+after(async () => {
+  await browser?.close();
+  await server?.stop();
+});
+
+const events = (p, type) => p.page.evaluate((type) => window.moselleCall.events.filter((e) => e.type === type), type);
+const sid = (p) => p.page.evaluate(() => window.moselleCall.room.localParticipant.sid);
+
+async function call(room) {
+  const alice = await openCall(browser, server, { room, name: 'Alice' });
+  const bob = await openCall(browser, server, { room, name: 'Bob' });
+  for (const [me, other] of [[alice, 'Bob'], [bob, 'Alice']]) {
+    await waitFor(`${me.name} to decode ${other}`, async () => (await inboundVideo(me, other))?.framesDecoded > 10, 20000);
+  }
+  return [alice, bob];
+}
+
+test('a dropped signaling socket is resumed without a rejoin', async () => {
+  const [alice, bob] = await call(`resume-${Date.now()}`);
+  const bobSid = await sid(bob);
+  const sessions = await server.metric('signal_sessions_started_total');
+
+  await bob.page.evaluate(() => window.moselleCall.room.simulateScenario('signal-reconnect'));
+  await waitFor('Bob to resume', async () => (await events(bob, 'reconnected')).length > 0, 20000);
+
+  assert.ok((await events(bob, 'signal_reconnecting')).length > 0, 'it was a signal-only reconnect');
+  assert.equal((await events(bob, 'reconnecting')).length, 0, 'no full reconnect');
+  assert.equal(await sid(bob), bobSid, 'same participant after the resume');
+  assert.equal((await events(alice, 'left')).length, 0, 'Alice never saw Bob leave');
+  assert.ok(await server.metric('signal_sessions_started_total') > sessions, 'a new socket was opened');
+  assert.equal(await server.metric('participants'), 2);
+  assert.ok(await framesOver(alice, 'Bob', 1500) > 10, "Alice still decodes Bob's video");
+  assert.ok(await framesOver(bob, 'Alice', 1500) > 10, "Bob still decodes Alice's video");
+
+  // Signaling works on the new socket: a mute reaches Alice.
+  await bob.page.click('#mic');
+  await waitFor("Alice to see Bob muted", () => alice.page.evaluate(() => document.querySelector('#tile-Bob .name')?.textContent.includes('(muted)')));
+  for (const p of [alice, bob]) await p.context.close();
+});
+
+test('an ICE restart keeps the call going', async () => {
+  const [alice, bob] = await call(`ice-${Date.now()}`);
+  const before = await bob.page.evaluate(async () => {
+    let ufrag = null;
+    const pc = window.moselleCall.room.engine.pcManager.publisher.pc;
+    ufrag = pc.remoteDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1];
+    return ufrag;
+  });
+  await bob.page.evaluate(() => window.moselleCall.room.engine.pcManager.triggerIceRestart());
+  const after = await waitFor("the server's answer with new ICE credentials", () => bob.page.evaluate(() => {
+    const pc = window.moselleCall.room.engine.pcManager.publisher.pc;
+    return pc.remoteDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1];
+  }).then((u) => (u && u !== before ? u : null)));
+  assert.notEqual(after, before);
+  await waitFor('the restarted connection to carry media', async () => (await framesOver(alice, 'Bob', 1000)) > 5
+    && (await framesOver(bob, 'Alice', 1000)) > 5, 20000);
+  for (const p of [alice, bob]) await p.context.close();
+});
