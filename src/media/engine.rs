@@ -49,6 +49,8 @@ pub const PROTOCOL_VERSION: i32 = 16;
 const PING_INTERVAL: i32 = 5;
 const PING_TIMEOUT: i32 = 15;
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// How often connection quality is assessed (LiveKit: 5 s).
+const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
 const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
@@ -109,6 +111,7 @@ struct Core {
     directory: Directory,
     next_gen: u64,
     next_housekeeping: Instant,
+    next_quality: Instant,
     // Batched counter updates, published once per loop turn.
     n_rtp_in: u64,
     n_fwd: u64,
@@ -143,6 +146,7 @@ pub fn run(
         directory,
         next_gen: 1,
         next_housekeeping: Instant::now() + HOUSEKEEPING,
+        next_quality: Instant::now() + QUALITY_INTERVAL,
         n_rtp_in: 0,
         n_fwd: 0,
         n_fwd_bytes: 0,
@@ -496,6 +500,8 @@ impl Core {
                 }
             }
             Event::ChannelData(d) => self.data_in(key, role, d),
+            Event::MediaIngressStats(st) => self.note_loss(key, st.loss),
+            Event::MediaEgressStats(st) => self.note_loss(key, st.loss),
             Event::Connected => {
                 if let Some(p) = self.parts.get_mut(key) {
                     tracing::info!(participant = %p.sid, "media connected");
@@ -716,6 +722,8 @@ impl Core {
             .enable_opus(true, false)
             .enable_vp8(true)
             .enable_h264(true)
+            // Receiver reports feed connection quality.
+            .set_stats_interval(Some(Duration::from_secs(2)))
             .build(Instant::now());
         for a in &self.cfg.candidates {
             match Candidate::host(*a, "udp") {
@@ -845,6 +853,8 @@ impl Core {
             broken: false,
             last_data_seq: 0,
             detached_at: None,
+            worst_loss: 0.0,
+            quality: None,
         };
         let key = self.parts.insert(p);
         self.by_ufrag.insert(ufrag, (key, PcRole::Main));
@@ -1507,6 +1517,54 @@ impl Core {
                 can_reconnect: true,
                 ..Default::default()
             }));
+        }
+    }
+
+    // ------------------------------------------------ connection quality
+
+    fn note_loss(&mut self, key: usize, loss: Option<f32>) {
+        if let (Some(p), Some(l)) = (self.parts.get_mut(key), loss) {
+            if l.is_finite() {
+                p.worst_loss = p.worst_loss.max(l.clamp(0.0, 1.0));
+            }
+        }
+    }
+
+    /// Rate each participant by the worst loss on its streams (both
+    /// directions) over the last interval, and tell the room what changed.
+    fn connection_quality(&mut self) {
+        let room_keys: Vec<usize> = self.rooms.iter().map(|(k, _)| k).collect();
+        for rk in room_keys {
+            let mut infos = Vec::new();
+            let mut changed = false;
+            for &pk in &self.rooms[rk].participants {
+                let Some(p) = self.parts.get_mut(pk) else {
+                    continue;
+                };
+                let loss = std::mem::take(&mut p.worst_loss);
+                let q = match loss {
+                    l if l < 0.02 => lk::ConnectionQuality::Excellent,
+                    l if l < 0.06 => lk::ConnectionQuality::Good,
+                    _ => lk::ConnectionQuality::Poor,
+                };
+                changed |= p.quality != Some(q);
+                p.quality = Some(q);
+                infos.push(lk::ConnectionQualityInfo {
+                    participant_sid: p.sid.clone(),
+                    quality: q as i32,
+                    score: (5.0 * (1.0 - loss * 5.0)).clamp(1.0, 5.0),
+                });
+            }
+            if !changed {
+                continue;
+            }
+            for m in self.rooms[rk].participants.clone() {
+                if let Some(o) = self.parts.get_mut(m) {
+                    o.send(Resp::ConnectionQuality(lk::ConnectionQualityUpdate {
+                        updates: infos.clone(),
+                    }));
+                }
+            }
         }
     }
 
@@ -2221,6 +2279,10 @@ impl Core {
             }
         }
         self.dynacast(now);
+        if now >= self.next_quality {
+            self.next_quality = now + QUALITY_INTERVAL;
+            self.connection_quality();
+        }
         // Close rooms that stayed empty.
         let closing: Vec<usize> = self
             .rooms

@@ -156,6 +156,10 @@ pub struct Participant {
     pub last_data_seq: u32,
     /// The signaling socket is gone; the session may still be resumed.
     pub detached_at: Option<Instant>,
+    /// Worst packet loss (0..1) seen on its streams since the last quality
+    /// update, and the quality last announced.
+    pub worst_loss: f32,
+    pub quality: Option<lk::ConnectionQuality>,
 }
 
 impl Participant {

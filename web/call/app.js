@@ -93,6 +93,7 @@ async function join(form) {
     .on(RoomEvent.Reconnecting, () => { $('#status').textContent = 'reconnecting…'; log('reconnecting', {}); })
     .on(RoomEvent.Reconnected, () => { $('#status').textContent = 'connected'; log('reconnected', {}); })
     .on(RoomEvent.Disconnected, (reason) => { $('#status').textContent = 'disconnected'; log('disconnected', { reason }); })
+    .on(RoomEvent.ConnectionQualityChanged, (quality, p) => log('quality', { who: p.identity, quality }))
     .on(RoomEvent.EncryptionError, (err) => log('encryption_error', { message: String(err?.message || err) }));
 
   await lk.connect(url, token);
