@@ -69,3 +69,37 @@ test('an ICE restart keeps the call going', async () => {
     && (await framesOver(bob, 'Alice', 1000)) > 5, 20000);
   for (const p of [alice, bob]) await p.context.close();
 });
+
+test('a broken media path recovers: ICE moves to another path, the server follows', async () => {
+  const { execFileSync } = await import('node:child_process');
+  const [alice, bob] = await call(`path-${Date.now()}`);
+  // Bob's end of the media path: the local port of the selected pair.
+  const selectedPort = () => bob.page.evaluate(async () => {
+    const pc = window.moselleCall.room.engine.pcManager.publisher.pc;
+    const stats = await pc.getStats();
+    let pair = null;
+    stats.forEach((s) => { if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId); });
+    return pair ? stats.get(pair.localCandidateId).port : null;
+  });
+  const port = await selectedPort();
+  assert.ok(port, "Bob's selected candidate pair");
+  const table = `moselle_break_${process.pid}`;
+  const nft = (...a) => execFileSync('nft', a, { stdio: 'pipe' });
+  nft('add', 'table', 'inet', table);
+  try {
+    // Every datagram to or from that port is lost, and stays lost.
+    nft('add', 'chain', 'inet', table, 'in', '{ type filter hook input priority 0; }');
+    nft('add', 'rule', 'inet', table, 'in', 'udp', 'sport', String(port), 'drop');
+    nft('add', 'rule', 'inet', table, 'in', 'udp', 'dport', String(port), 'drop');
+    // Chromium's ICE finds another pair; the server (ICE-lite) accepts the
+    // new address by its ICE credentials and sends media there.
+    await waitFor('media to flow both ways again over another path', async () => (await framesOver(alice, 'Bob', 1000)) > 5
+      && (await framesOver(bob, 'Alice', 1000)) > 5, 40000);
+    const now = await selectedPort();
+    assert.notEqual(now, port, 'the call moved to another path');
+    console.log(`media path moved from port ${port} to ${now}`);
+  } finally {
+    execFileSync('nft', ['delete', 'table', 'inet', table], { stdio: 'pipe' });
+  }
+  for (const p of [alice, bob]) await p.context.close();
+});
