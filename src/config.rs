@@ -23,6 +23,44 @@ pub struct Config {
     pub rtc: RtcConfig,
     pub log: LogConfig,
     pub call_page: CallPageConfig,
+    pub matrix: MatrixConfig,
+}
+
+/// The MatrixRTC token service (MSC4195).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatrixConfig {
+    pub enabled: bool,
+    pub livekit_url: String,
+    pub full_access_homeservers: Vec<String>,
+    pub denied_homeservers: Vec<String>,
+    pub token_ttl_secs: u64,
+    pub request_timeout_ms: u64,
+    pub membership_recheck_secs: u64,
+    pub requests_per_minute_per_address: u32,
+    pub requests_per_minute_per_user: u32,
+    pub allow_metadata_updates: bool,
+    #[serde(default)]
+    pub homeserver_urls: HashMap<String, String>,
+    pub membership: MembershipConfig,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembershipConfig {
+    pub method: crate::matrix::homeserver::MembershipMethod,
+    pub homeserver_url: String,
+    pub access_token: String,
+}
+
+impl std::fmt::Debug for MembershipConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The access token stays out of logs.
+        f.debug_struct("MembershipConfig")
+            .field("method", &self.method)
+            .field("homeserver_url", &self.homeserver_url)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +168,26 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "server.jurisdiction must be an ISO 3166-1 alpha-2 code like \"LU\", got {j:?}"
             )));
+        }
+        let m = &self.matrix;
+        if m.enabled {
+            if m.membership.homeserver_url.is_empty() || m.membership.access_token.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "matrix.enabled needs [matrix.membership] homeserver_url and access_token: \
+                     the token service never issues a token it cannot check"
+                        .into(),
+                ));
+            }
+            if m.token_ttl_secs == 0 || m.token_ttl_secs > 3600 {
+                return Err(ConfigError::Invalid(
+                    "matrix.token_ttl_secs must be 1..=3600".into(),
+                ));
+            }
+            if m.livekit_url.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "matrix.livekit_url is required".into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -9,16 +9,35 @@ use axum::routing::get;
 use axum::Router;
 use tower_http::cors::{Any, CorsLayer};
 
+use crate::matrix::service::TokenService;
 use crate::media::handle::MediaHandle;
 
-pub fn app(media: Arc<MediaHandle>, call_page: Option<crate::callpage::CallPage>) -> Router {
+#[derive(Clone)]
+struct AppState {
+    media: Arc<MediaHandle>,
+    tokens: Option<Arc<TokenService>>,
+}
+
+pub fn app(
+    media: Arc<MediaHandle>,
+    call_page: Option<crate::callpage::CallPage>,
+    tokens: Option<Arc<TokenService>>,
+) -> Router {
     let signaling = moselle_signaling::routes::router(media.clone());
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/", get(|| async { "moselle" }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(media)
-        .merge(signaling)
+        .with_state(AppState {
+            media,
+            tokens: tokens.clone(),
+        })
+        .merge(signaling);
+    if let Some(t) = tokens {
+        // Element Call asks for tokens from the browser: CORS applies.
+        router = router.merge(crate::matrix::service::router(t));
+    }
+    let router = router
         // Browser clients call from other origins, and read error statuses
         // of /validate to decide how to fall back (LiveKit does the same).
         .layer(
@@ -34,17 +53,18 @@ pub fn app(media: Arc<MediaHandle>, call_page: Option<crate::callpage::CallPage>
     }
 }
 
-async fn healthz(State(m): State<Arc<MediaHandle>>) -> impl IntoResponse {
-    if m.is_running() {
+async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.media.is_running() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "media engine stopped")
     }
 }
 
-async fn metrics(State(m): State<Arc<MediaHandle>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&m.media_counters, &m.signal_counters),
-    )
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let mut text = crate::metrics::render(&s.media.media_counters, &s.media.signal_counters);
+    if let Some(t) = &s.tokens {
+        crate::metrics::render_counters(&mut text, t.counters.snapshot());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -4,6 +4,7 @@
 pub mod callpage;
 pub mod config;
 pub mod http;
+pub mod matrix;
 pub mod media;
 pub mod metrics;
 pub mod netinfo;

@@ -120,11 +120,16 @@ pub fn render(media: &MediaCounters, signal: &moselle_signaling::SignalCounters)
             "# HELP moselle_{name} {help}\n# TYPE moselle_{name} {kind}\nmoselle_{name} {v}"
         );
     }
-    for (name, help, v) in signal.snapshot() {
+    render_counters(&mut s, signal.snapshot());
+    s
+}
+
+/// Append counters given as (name, help, value).
+pub fn render_counters(s: &mut String, counters: Vec<(&'static str, &'static str, u64)>) {
+    for (name, help, v) in counters {
         let _ = writeln!(
             s,
             "# HELP moselle_{name} {help}\n# TYPE moselle_{name} counter\nmoselle_{name} {v}"
         );
     }
-    s
 }

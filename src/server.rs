@@ -9,6 +9,9 @@ use anyhow::Context;
 use moselle_signaling::token::KeySet;
 
 use crate::config::Config;
+use crate::matrix::homeserver::{Homeservers, Membership};
+use crate::matrix::limits::RateLimiter;
+use crate::matrix::service::TokenService;
 use crate::media::engine::EngineConfig;
 use crate::media::handle::MediaHandle;
 use crate::media::udp::UdpIo;
@@ -66,32 +69,65 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         jurisdiction = %cfg.server.jurisdiction,
         "moselle listening"
     );
+    let key = signing_key(cfg);
     let call_page = if cfg.call_page.enabled {
-        // The dev key if there is one, else the first key by name.
-        let mut names: Vec<&String> = cfg.keys.keys().collect();
-        names.sort();
-        let key = cfg
-            .keys
-            .get_key_value(crate::config::DEV_KEY)
-            .map(|(k, _)| k)
-            .or(names.first().copied())
-            .cloned()
-            .unwrap_or_default();
         tracing::warn!("call page enabled at /call/: anyone who reaches it can join any room");
         Some(crate::callpage::CallPage {
             keys: KeySet::new(cfg.keys.clone()),
-            key,
+            key: key.clone(),
             assets_dir: cfg.call_page.assets_dir.clone(),
             token_ttl: Duration::from_secs(cfg.call_page.token_ttl_secs.max(60)),
         })
     } else {
         None
     };
-    let app = crate::http::app(media.clone(), call_page);
+    let tokens = if cfg.matrix.enabled {
+        let m = &cfg.matrix;
+        let timeout = Duration::from_millis(m.request_timeout_ms.max(100));
+        let homeservers = Homeservers::new(timeout, m.homeserver_urls.clone())
+            .context("cannot set up the HTTP client for homeservers")?;
+        let membership = Membership {
+            http: homeservers.http().clone(),
+            method: m.membership.method,
+            base_url: m
+                .membership
+                .homeserver_url
+                .trim_end_matches('/')
+                .to_string(),
+            access_token: m.membership.access_token.clone(),
+        };
+        let svc = Arc::new(TokenService {
+            cfg: m.clone(),
+            keys: KeySet::new(cfg.keys.clone()),
+            key: key.clone(),
+            homeservers,
+            membership,
+            media: media.clone(),
+            per_address: RateLimiter::new(
+                m.requests_per_minute_per_address,
+                m.requests_per_minute_per_address,
+            ),
+            per_user: RateLimiter::new(
+                m.requests_per_minute_per_user,
+                m.requests_per_minute_per_user,
+            ),
+            issued: Default::default(),
+            counters: Default::default(),
+        });
+        tokio::spawn(crate::matrix::watch::run(svc.clone()));
+        tracing::info!("MatrixRTC token service at /get_token and /sfu/get");
+        Some(svc)
+    } else {
+        None
+    };
+    let app = crate::http::app(media.clone(), call_page, tokens);
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown_signal())
+        .await
     });
     Ok(Running {
         http_addr,
@@ -99,6 +135,17 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         media,
         server,
     })
+}
+
+/// The API key this node signs its own tokens with: the dev key if there is
+/// one, else the first by name.
+fn signing_key(cfg: &Config) -> String {
+    if cfg.keys.contains_key(crate::config::DEV_KEY) {
+        return crate::config::DEV_KEY.to_string();
+    }
+    let mut names: Vec<&String> = cfg.keys.keys().collect();
+    names.sort();
+    names.first().map(|s| s.to_string()).unwrap_or_default()
 }
 
 /// SIGINT or SIGTERM.

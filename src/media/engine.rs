@@ -89,6 +89,16 @@ pub enum Command {
         key: usize,
         gen: u64,
     },
+    /// (room name, identity) of everyone connected.
+    Members {
+        reply: oneshot::Sender<Vec<(String, String)>>,
+    },
+    /// Remove a participant (its access ended).
+    Evict {
+        room: String,
+        identity: String,
+        reason: lk::DisconnectReason,
+    },
 }
 
 /// Room names currently open, readable from other threads (for `/validate`).
@@ -691,6 +701,32 @@ impl Core {
                     self.signal(key, *msg);
                 }
             }
+            Command::Members { reply } => {
+                let list = self
+                    .parts
+                    .iter()
+                    .filter_map(|(_, p)| {
+                        Some((self.rooms.get(p.room)?.name.clone(), p.identity.clone()))
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Command::Evict {
+                room,
+                identity,
+                reason,
+            } => {
+                let found = self.room_by_name.get(&room).and_then(|rk| {
+                    self.rooms[*rk]
+                        .participants
+                        .iter()
+                        .copied()
+                        .find(|k| self.parts.get(*k).is_some_and(|p| p.identity == identity))
+                });
+                if let Some(k) = found {
+                    self.remove_participant(k, Some(reason));
+                }
+            }
             Command::Closed { key, gen } => {
                 if let Some(p) = self.parts.get_mut(key).filter(|p| p.gen == gen) {
                     // Media goes on; the client may resume the session.
@@ -762,7 +798,8 @@ impl Core {
         }
         let room_key = match self.room_by_name.get(&grant.room) {
             Some(k) => *k,
-            None if self.cfg.auto_create => self.create_room(&grant.room),
+            // With auto-create off, only a token granting roomCreate starts a room.
+            None if self.cfg.auto_create || grant.room_create => self.create_room(&grant.room),
             None => {
                 return Err(refusal(
                     StatusCode::NOT_FOUND,

@@ -48,6 +48,31 @@ impl MediaHandle {
         }))
     }
 
+    /// (room name, identity) of every connected participant.
+    pub async fn members(&self) -> Vec<(String, String)> {
+        let (reply, wait) = oneshot::channel();
+        if self.commands.send(Command::Members { reply }).is_err() {
+            return Vec::new();
+        }
+        wait.await.unwrap_or_default()
+    }
+
+    /// Remove `identity` from `room`, telling its client why.
+    pub fn evict(&self, room: &str, identity: &str, reason: lk::DisconnectReason) {
+        let _ = self.commands.send(Command::Evict {
+            room: room.to_string(),
+            identity: identity.to_string(),
+            reason,
+        });
+    }
+
+    pub fn room_exists(&self, room: &str) -> bool {
+        self.directory
+            .read()
+            .map(|d| d.contains(room))
+            .unwrap_or(false)
+    }
+
     /// Whether the engine thread is still running.
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
@@ -89,7 +114,7 @@ impl Backend for MediaHandle {
     }
 
     fn precheck(&self, ticket: &JoinTicket) -> Result<(), Refusal> {
-        if !self.auto_create {
+        if !self.auto_create && !ticket.claims.video().room_create {
             let exists = self
                 .directory
                 .read()

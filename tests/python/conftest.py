@@ -151,9 +151,9 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def moselle_server(request, tmp_path_factory) -> MoselleServer:
-    """Start `moselle serve --dev` on free ports; stop it at the end of the session."""
+def start_moselle(log_dir: Path, extra_args: list[str] = ()) -> MoselleServer:
+    """Start `moselle serve --dev` on free ports (plus `extra_args`, e.g.
+    `--config FILE`) and wait until it is healthy; fails the test if not."""
     bin_path = os.environ.get("MOSELLE_BIN", DEFAULT_BIN)
     if not (os.path.isfile(bin_path) and os.access(bin_path, os.X_OK)):
         pytest.fail(
@@ -162,12 +162,11 @@ def moselle_server(request, tmp_path_factory) -> MoselleServer:
             pytrace=False,
         )
 
-    log_dir = tmp_path_factory.mktemp("moselle")
     log_path = log_dir / "server.log"
     http_port, udp_port = _pick_ports()
     cmd = [
         bin_path, "serve", "--dev", "--bind", HOST,
-        "--http-port", str(http_port), "--udp-port", str(udp_port),
+        "--http-port", str(http_port), "--udp-port", str(udp_port), *extra_args,
     ]
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "1")
@@ -178,7 +177,6 @@ def moselle_server(request, tmp_path_factory) -> MoselleServer:
     )
     log_file.close()  # the child holds its own descriptor
     server = MoselleServer(proc=proc, http_port=http_port, udp_port=udp_port, log_path=log_path, cmd=cmd)
-    request.config.stash[_server_key] = server
 
     start_error = None
     try:
@@ -192,10 +190,21 @@ def moselle_server(request, tmp_path_factory) -> MoselleServer:
             f"log {log_path} tail:\n{server.log_tail() or '<empty>'}",
             pytrace=False,
         )
-
     sys.stderr.write(f"\n[moselle] {' '.join(cmd)} (pid {proc.pid}), log: {log_path}\n")
+    return server
+
+
+def stop_moselle(server: MoselleServer) -> None:
+    _stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def moselle_server(request, tmp_path_factory) -> MoselleServer:
+    """Start `moselle serve --dev` on free ports; stop it at the end of the session."""
+    server = start_moselle(tmp_path_factory.mktemp("moselle"))
+    request.config.stash[_server_key] = server
     yield server
-    _stop(proc)
+    _stop(server.proc)
 
 
 @pytest.fixture

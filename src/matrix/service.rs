@@ -1,0 +1,497 @@
+//! `POST /get_token` and `POST /sfu/get`: request and answer shapes as
+//! lk-jwt-service's, plus the membership check it does not make.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use moselle_signaling::token::{join_claims, Claims, KeySet};
+use serde::Deserialize;
+
+use super::homeserver::{Homeservers, HsError, Membership};
+use super::limits::RateLimiter;
+use super::names;
+use super::watch::Issued;
+use crate::config::MatrixConfig;
+use crate::media::handle::MediaHandle;
+
+/// Request bodies are small; anything larger is refused before parsing.
+pub const MAX_BODY: usize = 16 * 1024;
+
+pub struct TokenService {
+    pub cfg: MatrixConfig,
+    pub keys: KeySet,
+    /// API key tokens are signed with.
+    pub key: String,
+    pub homeservers: Homeservers,
+    pub membership: Membership,
+    pub media: Arc<MediaHandle>,
+    pub per_address: RateLimiter,
+    pub per_user: RateLimiter,
+    pub issued: Issued,
+    pub counters: TokenCounters,
+}
+
+#[derive(Default)]
+pub struct TokenCounters {
+    pub issued: AtomicU64,
+    pub bad_request: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub forbidden: AtomicU64,
+    pub unavailable: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub evicted: AtomicU64,
+}
+
+impl TokenCounters {
+    pub fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            (
+                "matrix_tokens_issued_total",
+                "Call tokens issued to Matrix users",
+                g(&self.issued),
+            ),
+            (
+                "matrix_token_bad_requests_total",
+                "Token requests refused as malformed",
+                g(&self.bad_request),
+            ),
+            (
+                "matrix_token_unauthorized_total",
+                "Token requests whose OpenID token did not check out",
+                g(&self.unauthorized),
+            ),
+            (
+                "matrix_token_forbidden_total",
+                "Token requests refused: not a member, denied homeserver, no call",
+                g(&self.forbidden),
+            ),
+            (
+                "matrix_token_unavailable_total",
+                "Token requests refused because a homeserver could not be asked",
+                g(&self.unavailable),
+            ),
+            (
+                "matrix_token_rate_limited_total",
+                "Token requests over a rate limit",
+                g(&self.rate_limited),
+            ),
+            (
+                "matrix_participants_removed_total",
+                "Participants removed because their membership ended",
+                g(&self.evicted),
+            ),
+        ]
+    }
+}
+
+/// A refusal, answered as a Matrix error body.
+struct Refuse(StatusCode, &'static str, String);
+
+impl IntoResponse for Refuse {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(serde_json::json!({ "errcode": self.1, "error": self.2 })),
+        )
+            .into_response()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenIdToken {
+    #[serde(default)]
+    access_token: String,
+    #[serde(default)]
+    token_type: String,
+    #[serde(default)]
+    matrix_server_name: String,
+    #[serde(default)]
+    expires_in: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Member {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    claimed_user_id: String,
+    #[serde(default)]
+    claimed_device_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetToken {
+    #[serde(default)]
+    room_id: String,
+    #[serde(default)]
+    slot_id: String,
+    openid_token: Option<OpenIdToken>,
+    member: Option<Member>,
+    // Delayed-leave delegation is accepted and not acted on.
+    #[serde(default)]
+    delay_id: Option<String>,
+    #[serde(default)]
+    delay_timeout: Option<i64>,
+    #[serde(default)]
+    delay_cs_api_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SfuGet {
+    #[serde(default)]
+    room: String,
+    openid_token: Option<OpenIdToken>,
+    #[serde(default)]
+    device_id: String,
+    #[serde(default)]
+    delay_id: Option<String>,
+    #[serde(default)]
+    delay_timeout: Option<i64>,
+    #[serde(default)]
+    delay_cs_api_url: Option<String>,
+}
+
+pub fn router(svc: Arc<TokenService>) -> Router {
+    Router::new()
+        .route("/get_token", post(get_token))
+        .route("/sfu/get", post(sfu_get))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(svc)
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(svc: &TokenService, body: &Bytes) -> Result<T, Refuse> {
+    serde_json::from_slice(body).map_err(|_| {
+        bump(&svc.counters.bad_request);
+        Refuse(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            "Error reading request".into(),
+        )
+    })
+}
+
+fn bad_json(svc: &TokenService, msg: &str) -> Refuse {
+    bump(&svc.counters.bad_request);
+    Refuse(StatusCode::BAD_REQUEST, "M_BAD_JSON", msg.into())
+}
+
+fn check_delay(
+    svc: &TokenService,
+    id: &Option<String>,
+    timeout: &Option<i64>,
+) -> Result<(), Refuse> {
+    let has_id = id.as_deref().is_some_and(|s| !s.is_empty());
+    let has_timeout = timeout.is_some_and(|t| t > 0);
+    if has_id != has_timeout {
+        return Err(bad_json(
+            svc,
+            "The request body is missing `delay_id` or `delay_timeout`",
+        ));
+    }
+    Ok(())
+}
+
+async fn get_token(
+    State(svc): State<Arc<TokenService>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    match issue_for_get_token(&svc, peer, &body).await {
+        Ok(r) => r,
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn issue_for_get_token(
+    svc: &TokenService,
+    peer: SocketAddr,
+    body: &Bytes,
+) -> Result<Response, Refuse> {
+    limit_address(svc, peer)?;
+    let req: GetToken = parse(svc, body)?;
+    let _ = (&req.delay_cs_api_url,);
+    if req.room_id.is_empty() || req.slot_id.is_empty() {
+        return Err(bad_json(
+            svc,
+            "The request body is missing `room_id` or `slot_id`",
+        ));
+    }
+    let member = req.member.as_ref().filter(|m| {
+        !m.id.is_empty() && !m.claimed_user_id.is_empty() && !m.claimed_device_id.is_empty()
+    });
+    let Some(member) = member else {
+        return Err(bad_json(
+            svc,
+            "The request body `member` is missing a `id`, `claimed_user_id` or `claimed_device_id`",
+        ));
+    };
+    let openid = openid_of(svc, &req.openid_token)?;
+    check_delay(svc, &req.delay_id, &req.delay_timeout)?;
+    let user = verify(svc, openid).await?;
+    if user != member.claimed_user_id {
+        bump(&svc.counters.unauthorized);
+        return Err(unauthorized());
+    }
+    let sfu_room = names::room_name(&req.room_id, &req.slot_id);
+    let identity = names::identity(&user, &member.claimed_device_id, &member.id);
+    issue(
+        svc,
+        &openid.matrix_server_name,
+        &user,
+        &req.room_id,
+        sfu_room,
+        identity,
+    )
+    .await
+}
+
+async fn sfu_get(
+    State(svc): State<Arc<TokenService>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    match issue_for_sfu_get(&svc, peer, &body).await {
+        Ok(r) => r,
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn issue_for_sfu_get(
+    svc: &TokenService,
+    peer: SocketAddr,
+    body: &Bytes,
+) -> Result<Response, Refuse> {
+    limit_address(svc, peer)?;
+    let req: SfuGet = parse(svc, body)?;
+    let _ = (&req.delay_cs_api_url,);
+    if req.room.is_empty() {
+        return Err(bad_json(svc, "Missing room parameter"));
+    }
+    let openid = match &req.openid_token {
+        Some(t) if !t.access_token.is_empty() && !t.matrix_server_name.is_empty() => t,
+        _ => return Err(bad_json(svc, "Missing OpenID token parameters")),
+    };
+    check_delay(svc, &req.delay_id, &req.delay_timeout)?;
+    let user = verify(svc, openid).await?;
+    let sfu_room = names::room_name(&req.room, names::LEGACY_SLOT);
+    let identity = names::legacy_identity(&user, &req.device_id);
+    issue(
+        svc,
+        &openid.matrix_server_name,
+        &user,
+        &req.room,
+        sfu_room,
+        identity,
+    )
+    .await
+}
+
+fn openid_of<'a>(
+    svc: &TokenService,
+    t: &'a Option<OpenIdToken>,
+) -> Result<&'a OpenIdToken, Refuse> {
+    let _ = t.as_ref().map(|t| (&t.token_type, t.expires_in));
+    match t {
+        Some(t) if !t.access_token.is_empty() && !t.matrix_server_name.is_empty() => Ok(t),
+        _ => Err(bad_json(
+            svc,
+            "The request body `openid_token` is missing a `access_token` or `matrix_server_name`",
+        )),
+    }
+}
+
+fn unauthorized() -> Refuse {
+    Refuse(
+        StatusCode::UNAUTHORIZED,
+        "M_UNAUTHORIZED",
+        "The request could not be authorised.".into(),
+    )
+}
+
+fn unavailable(svc: &TokenService, what: &str) -> Refuse {
+    bump(&svc.counters.unavailable);
+    Refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "M_UNKNOWN",
+        format!("{what} could not be reached; no token was issued, try again later"),
+    )
+}
+
+fn limit_address(svc: &TokenService, peer: SocketAddr) -> Result<(), Refuse> {
+    if svc.per_address.allow(&peer.ip().to_string()) {
+        Ok(())
+    } else {
+        bump(&svc.counters.rate_limited);
+        Err(Refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "M_LIMIT_EXCEEDED",
+            "Too many requests".into(),
+        ))
+    }
+}
+
+fn homeserver_in(list: &[String], server: &str) -> bool {
+    list.iter().any(|h| h == "*" || h == server)
+}
+
+/// Who the OpenID token belongs to, as its homeserver says; the user id must
+/// live on the homeserver the client named.
+async fn verify(svc: &TokenService, t: &OpenIdToken) -> Result<String, Refuse> {
+    if homeserver_in(&svc.cfg.denied_homeservers, &t.matrix_server_name) {
+        bump(&svc.counters.forbidden);
+        return Err(Refuse(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "Calls are not offered to this homeserver".into(),
+        ));
+    }
+    let sub = match svc
+        .homeservers
+        .openid_user(&t.matrix_server_name, &t.access_token)
+        .await
+    {
+        Ok(s) => s,
+        Err(HsError::InvalidToken) | Err(HsError::BadServerName(_)) => {
+            bump(&svc.counters.unauthorized);
+            return Err(unauthorized());
+        }
+        Err(HsError::Unreachable(_)) | Err(HsError::BadResponse(_)) => {
+            return Err(unavailable(svc, "The user's homeserver"));
+        }
+    };
+    let server = sub.split_once(':').map(|(_, s)| s).unwrap_or_default();
+    if !sub.starts_with('@') || server != t.matrix_server_name {
+        bump(&svc.counters.unauthorized);
+        return Err(unauthorized());
+    }
+    if !svc.per_user.allow(&sub) {
+        bump(&svc.counters.rate_limited);
+        return Err(Refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "M_LIMIT_EXCEEDED",
+            "Too many requests".into(),
+        ));
+    }
+    Ok(sub)
+}
+
+/// The grants of a call token (MSC4195): users of full-access homeservers
+/// publish and may start the call; everyone else listens. No admin grants.
+pub fn call_claims(
+    sfu_room: &str,
+    identity: &str,
+    ttl: Duration,
+    full: bool,
+    metadata: bool,
+) -> Claims {
+    let mut claims = join_claims(sfu_room, identity, ttl);
+    if let Some(v) = claims.video.as_mut() {
+        v.can_publish = Some(full);
+        v.can_subscribe = Some(true);
+        v.can_publish_data = Some(true);
+        v.room_create = full;
+        v.can_update_own_metadata = Some(metadata);
+    }
+    claims
+}
+
+async fn issue(
+    svc: &TokenService,
+    server: &str,
+    user: &str,
+    room_id: &str,
+    sfu_room: String,
+    identity: String,
+) -> Result<Response, Refuse> {
+    match svc.membership.is_joined(room_id, user).await {
+        Ok(true) => {}
+        Ok(false) => {
+            bump(&svc.counters.forbidden);
+            return Err(Refuse(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "You are not a member of this room".into(),
+            ));
+        }
+        Err(_) => return Err(unavailable(svc, "The homeserver checking room membership")),
+    }
+    let full = homeserver_in(&svc.cfg.full_access_homeservers, server);
+    if !full && !svc.media.room_exists(&sfu_room) {
+        // Guests of other homeservers join calls; they do not start them.
+        bump(&svc.counters.forbidden);
+        return Err(Refuse(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "This call has not been started; only users of this deployment's homeservers can start it".into(),
+        ));
+    }
+    let ttl = Duration::from_secs(svc.cfg.token_ttl_secs);
+    let claims = call_claims(
+        &sfu_room,
+        &identity,
+        ttl,
+        full,
+        svc.cfg.allow_metadata_updates,
+    );
+    let jwt = svc.keys.mint(&svc.key, &claims).map_err(|_| {
+        Refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "M_UNKNOWN",
+            "Internal Server Error".into(),
+        )
+    })?;
+    svc.issued.record(&sfu_room, &identity, room_id, user, ttl);
+    bump(&svc.counters.issued);
+    tracing::info!(full_access = full, "call token issued");
+    Ok(Json(serde_json::json!({ "url": svc.cfg.livekit_url, "jwt": jwt })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_access_publishes_and_starts_calls_guests_only_listen() {
+        let ttl = Duration::from_secs(600);
+        let full = call_claims("R", "I", ttl, true, false);
+        let v = full.video();
+        assert!(v.room_join && v.can_publish() && v.can_subscribe() && v.room_create);
+        assert!(
+            !v.room_admin
+                && !v.room_list
+                && !v.room_record
+                && v.can_update_own_metadata == Some(false)
+        );
+        let guest = call_claims("R", "I", ttl, false, false);
+        let g = guest.video();
+        assert!(g.room_join && !g.can_publish() && g.can_subscribe() && !g.room_create);
+        assert_eq!(guest.exp - guest.nbf.unwrap(), 600, "nbf set, short exp");
+        assert_eq!(guest.sub, "I");
+        assert_eq!(g.room, "R");
+    }
+
+    #[test]
+    fn homeserver_lists() {
+        let l = vec!["a.org".to_string()];
+        assert!(homeserver_in(&l, "a.org") && !homeserver_in(&l, "b.org"));
+        assert!(homeserver_in(&["*".to_string()], "anything"));
+        assert!(!homeserver_in(&[], "a.org"));
+    }
+}
