@@ -37,7 +37,7 @@ def people(synapse):
     return {"admin": admin, "alice": alice, "bob": bob, "eve": eve}
 
 
-def _config(tmp_path, synapse, admin, method="admin_api", recheck=1, timeout_ms=2000) -> str:
+def _config(tmp_path, synapse, admin, method="admin_api", recheck=1, timeout_ms=2000, slow_url="http://127.0.0.1:9") -> str:
     """A node with the token service on, homeserver 'localhost' found via the
     override map, membership checked with the given method."""
     text = f"""
@@ -80,6 +80,7 @@ allow_metadata_updates = false
 
 [matrix.homeserver_urls]
 localhost = "{synapse.base_url}"
+"slow.example" = "{slow_url}"
 
 [matrix.membership]
 method = "{method}"
@@ -177,6 +178,8 @@ def test_member_gets_a_token_that_real_clients_use(node, synapse, people, room):
                              lambda: f"bob should hear alice: {st_.describe()}")
 
     run(scenario, timeout=60)
+    log = node.log_path.read_text(errors="replace")
+    assert a["jwt"] not in log and b["jwt"] not in log, "tokens must never be logged"
 
 
 def test_non_member_gets_403(node, people, room):
@@ -341,3 +344,50 @@ def test_rate_limit_per_address(tmp_path, synapse, people, room):
         assert body.get("errcode") == "M_LIMIT_EXCEEDED", body
     finally:
         stop_moselle(srv)
+
+
+def test_slow_homeserver_gives_503_within_the_timeout(tmp_path, synapse, people, room):
+    """A homeserver that accepts the connection and never answers."""
+    import socket
+    silent = socket.socket()
+    silent.bind((synapse.host if hasattr(synapse, "host") else "127.0.0.1", 0))
+    silent.listen(16)
+    host, port = silent.getsockname()
+    srv = start_moselle(tmp_path, ["--config", _config(tmp_path, synapse, people["admin"], timeout_ms=1500,
+                                                       slow_url=f"http://{host}:{port}")])
+    try:
+        bob = people["bob"]
+        t = dict(bob.openid_token(), matrix_server_name="slow.example")
+        t0 = time.monotonic()
+        st, body = post(srv, "/get_token", get_token_body(bob, room, t))
+        took = time.monotonic() - t0
+        assert st == 503 and "jwt" not in body, body
+        assert 1.0 < took < 5.0, f"refused after the 1.5 s timeout, not before or much later: {took:.1f} s"
+    finally:
+        stop_moselle(srv)
+        silent.close()
+
+
+def test_kicked_member_is_removed_from_the_call(node, synapse, people):
+    alice, eve = people["alice"], people["eve"]
+    room_id = alice.create_room()
+    eve.join(room_id)
+    st, a = post(node, "/get_token", get_token_body(alice, room_id, alice.openid_token()))
+    st2, e = post(node, "/get_token", get_token_body(eve, room_id, eve.openid_token(), device="E1", member="e1"))
+    assert st == 200 and st2 == 200, (a, e)
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            ca = await stack.enter_async_context(Client("alice"))
+            ce = await stack.enter_async_context(Client("eve"))
+            await ca.connect(node.url, a["jwt"])
+            await ce.connect(node.url, e["jwt"])
+            eve_identity = jwt_claims(e["jwt"])["sub"]
+            await ca.events.wait_for("participant_connected", _is(eve_identity), EVENT_TIMEOUT_S, "eve")
+            alice.kick(room_id, eve.user_id, "test")
+            await ca.events.wait_for("participant_disconnected", _is(eve_identity), 10, "eve removed after the kick")
+            # And she cannot come back.
+            st3, body = post(node, "/get_token", get_token_body(eve, room_id, eve.openid_token(), device="E1", member="e1"))
+            assert st3 == 403, body
+
+    run(scenario, timeout=60)
