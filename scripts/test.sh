@@ -14,6 +14,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v curl >/dev/null || need_apt+=(curl)
 command -v nft >/dev/null || need_apt+=(nftables)
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 if ((${#need_apt[@]})); then
     step "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

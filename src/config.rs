@@ -24,6 +24,22 @@ pub struct Config {
     pub log: LogConfig,
     pub call_page: CallPageConfig,
     pub matrix: MatrixConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Many nodes, and where rooms may be placed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Empty: this node alone, no external service.
+    pub redis_url: String,
+    pub allowed_jurisdictions: Vec<String>,
+    #[serde(default)]
+    pub homeserver_jurisdictions: HashMap<String, Vec<String>>,
+    pub heartbeat_secs: u64,
+    pub node_ttl_secs: u64,
+    pub room_ttl_secs: u64,
+    pub drain_timeout_secs: u64,
 }
 
 /// The MatrixRTC token service (MSC4195).
@@ -81,6 +97,11 @@ pub struct ServerConfig {
     pub node_ips: Vec<IpAddr>,
     pub node_id: String,
     pub jurisdiction: String,
+    /// Signaling URL clients use for this node; empty: ws://<first node
+    /// address>:<http_port>.
+    pub public_url: String,
+    /// Most rooms this node takes (0: no limit).
+    pub capacity: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +189,25 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "server.jurisdiction must be an ISO 3166-1 alpha-2 code like \"LU\", got {j:?}"
             )));
+        }
+        for j in self
+            .cluster
+            .allowed_jurisdictions
+            .iter()
+            .chain(self.cluster.homeserver_jurisdictions.values().flatten())
+        {
+            if j.len() != 2 || !j.chars().all(|c| c.is_ascii_uppercase()) {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster jurisdictions are ISO 3166-1 alpha-2 codes like \"LU\", got {j:?}"
+                )));
+            }
+        }
+        if !self.cluster.redis_url.is_empty()
+            && self.cluster.node_ttl_secs <= self.cluster.heartbeat_secs
+        {
+            return Err(ConfigError::Invalid(
+                "cluster.node_ttl_secs must exceed cluster.heartbeat_secs".into(),
+            ));
         }
         let m = &self.matrix;
         if m.enabled {

@@ -28,6 +28,7 @@ pub fn app(
         .route("/", get(|| async { "moselle" }))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/admin/rooms", get(admin_rooms))
         .with_state(AppState {
             media,
             tokens: tokens.clone(),
@@ -63,8 +64,49 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut text = crate::metrics::render(&s.media.media_counters, &s.media.signal_counters);
+    s.media.cluster.counters.render(&mut text);
     if let Some(t) = &s.tokens {
         crate::metrics::render_counters(&mut text, t.counters.snapshot());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// Audit: every room with the node and jurisdiction serving it, for a
+/// provider to show where media flowed. Needs a token with `roomList` or
+/// `roomAdmin` (as LiveKit's RoomService does).
+async fn admin_rooms(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use moselle_signaling::Backend;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let claims = match s.media.keys().verify(token) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({"error": e.label(), "message": e.to_string()})),
+            )
+                .into_response()
+        }
+    };
+    if !(claims.video().room_list || claims.video().room_admin) {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({"error": "not_allowed", "message": "needs a token granting roomList"})),
+        )
+            .into_response();
+    }
+    match s.media.cluster.rooms().await {
+        Ok(rooms) => axum::Json(serde_json::json!({ "rooms": rooms })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"error": e.reason(), "message": e.to_string()})),
+        )
+            .into_response(),
+    }
 }

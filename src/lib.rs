@@ -2,6 +2,7 @@
 //! LiveKit protocol. See DESIGN.md in the project's shared folder.
 
 pub mod callpage;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod matrix;

@@ -8,10 +8,15 @@ use std::time::Duration;
 use anyhow::Context;
 use moselle_signaling::token::KeySet;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cluster::redis::RedisRegistry;
+use crate::cluster::{Cluster, NodeInfo};
 use crate::config::Config;
 use crate::matrix::homeserver::{Homeservers, Membership};
 use crate::matrix::limits::RateLimiter;
 use crate::matrix::service::TokenService;
+use crate::media::engine::Directory;
 use crate::media::engine::EngineConfig;
 use crate::media::handle::MediaHandle;
 use crate::media::udp::UdpIo;
@@ -48,8 +53,6 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         pli_throttle: Duration::from_millis(cfg.rtc.pli_throttle_ms),
         resume_window: Duration::from_secs(cfg.room.resume_window_secs),
     };
-    let media = MediaHandle::start(engine_cfg, udp, KeySet::new(cfg.keys.clone()))
-        .context("cannot start the media engine")?;
     let listener = tokio::net::TcpListener::bind((cfg.server.bind, cfg.server.http_port))
         .await
         .with_context(|| {
@@ -59,6 +62,62 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             )
         })?;
     let http_addr = listener.local_addr()?;
+    let me = NodeInfo {
+        id: cfg.server.node_id.clone(),
+        jurisdiction: cfg.server.jurisdiction.clone(),
+        url: if cfg.server.public_url.is_empty() {
+            let ip = ips.first().copied().unwrap_or(http_addr.ip());
+            format!("ws://{}", SocketAddr::new(ip, http_addr.port()))
+        } else {
+            cfg.server.public_url.clone()
+        },
+    };
+    let local_rooms: Directory = Arc::new(std::sync::RwLock::new(Default::default()));
+    let c = &cfg.cluster;
+    let redis = if c.redis_url.is_empty() {
+        None
+    } else {
+        let r = RedisRegistry::connect(
+            &c.redis_url,
+            me.clone(),
+            cfg.server.capacity,
+            Duration::from_secs(c.node_ttl_secs),
+            Duration::from_secs(c.room_ttl_secs.max(1)),
+        )
+        .await
+        .context("cannot reach Redis at cluster.redis_url")?;
+        Some(r)
+    };
+    let clustered = redis.is_some();
+    let cluster = Arc::new(Cluster {
+        me,
+        allowed: c.allowed_jurisdictions.clone(),
+        per_homeserver: c.homeserver_jurisdictions.clone(),
+        counters: Default::default(),
+        draining: AtomicBool::new(false),
+        local_rooms: local_rooms.clone(),
+        redis,
+    });
+    if !cluster.allowed.contains(&cluster.me.jurisdiction) {
+        tracing::warn!(
+            jurisdiction = %cluster.me.jurisdiction,
+            "this node's jurisdiction is not in cluster.allowed_jurisdictions: it will host no room"
+        );
+    }
+    if clustered {
+        tokio::spawn(crate::cluster::redis::heartbeat(
+            cluster.clone(),
+            Duration::from_secs(c.heartbeat_secs.max(1)),
+        ));
+    }
+    let media = MediaHandle::start(
+        engine_cfg,
+        udp,
+        KeySet::new(cfg.keys.clone()),
+        local_rooms,
+        cluster.clone(),
+    )
+    .context("cannot start the media engine")?;
     // Addresses only at debug: info-level logs carry no IP address.
     tracing::debug!(http = %http_addr, candidates = ?ips, "bound");
     tracing::info!(
@@ -121,12 +180,17 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         None
     };
     let app = crate::http::app(media.clone(), call_page, tokens);
+    let drain_timeout = Duration::from_secs(cfg.cluster.drain_timeout_secs);
+    let drain_media = media.clone();
     let server = tokio::spawn(async move {
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            drain(&drain_media, drain_timeout).await;
+        })
         .await
     });
     Ok(Running {
@@ -146,6 +210,30 @@ fn signing_key(cfg: &Config) -> String {
     let mut names: Vec<&String> = cfg.keys.keys().collect();
     names.sort();
     names.first().map(|s| s.to_string()).unwrap_or_default()
+}
+
+/// Take no new rooms; let running calls end, up to `timeout`.
+async fn drain(media: &MediaHandle, timeout: Duration) {
+    media.cluster.draining.store(true, Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = media.members().await.len();
+        if n == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(
+                participants = n,
+                "drain timeout: stopping with calls still running"
+            );
+            break;
+        }
+        tracing::info!(
+            participants = n,
+            "draining: no new rooms, waiting for calls to end"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// SIGINT or SIGTERM.

@@ -433,7 +433,12 @@ async fn issue(
         Err(_) => return Err(unavailable(svc, "The homeserver checking room membership")),
     }
     let full = homeserver_in(&svc.cfg.full_access_homeservers, server);
-    if !full && !svc.media.room_exists(&sfu_room) {
+    let cluster = &svc.media.cluster;
+    let started = match cluster.locate(&sfu_room).await {
+        Ok(n) => n.is_some(),
+        Err(_) => return Err(unavailable(svc, "Room placement")),
+    };
+    if !full && !started {
         // Guests of other homeservers join calls; they do not start them.
         bump(&svc.counters.forbidden);
         return Err(Refuse(
@@ -442,6 +447,27 @@ async fn issue(
             "This call has not been started; only users of this deployment's homeservers can start it".into(),
         ));
     }
+    // The call's node: only one in a jurisdiction allowed for this
+    // homeserver, or no token at all.
+    let node = match cluster
+        .place(&sfu_room, cluster.allowed_for(Some(server)))
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            bump(&svc.counters.unavailable);
+            return Err(Refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "M_UNKNOWN",
+                e.to_string(),
+            ));
+        }
+    };
+    let url = if cluster.redis.is_some() {
+        node.url
+    } else {
+        svc.cfg.livekit_url.clone()
+    };
     let ttl = Duration::from_secs(svc.cfg.token_ttl_secs);
     let claims = call_claims(
         &sfu_room,
@@ -460,7 +486,7 @@ async fn issue(
     svc.issued.record(&sfu_room, &identity, room_id, user, ttl);
     bump(&svc.counters.issued);
     tracing::info!(full_access = full, "call token issued");
-    Ok(Json(serde_json::json!({ "url": svc.cfg.livekit_url, "jwt": jwt })).into_response())
+    Ok(Json(serde_json::json!({ "url": url, "jwt": jwt })).into_response())
 }
 
 #[cfg(test)]

@@ -1,8 +1,7 @@
 //! The engine seen from other threads: start it, and implement the
 //! signaling [`Backend`] by sending it commands.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use axum::http::StatusCode;
 use livekit_protocol as lk;
@@ -14,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::engine::{self, Command, Directory, EngineConfig};
 use super::udp::UdpIo;
+use crate::cluster::Cluster;
 use crate::metrics::MediaCounters;
 
 pub struct MediaHandle {
@@ -21,6 +21,7 @@ pub struct MediaHandle {
     keys: KeySet,
     auto_create: bool,
     directory: Directory,
+    pub cluster: Arc<Cluster>,
     pub signal_counters: Arc<SignalCounters>,
     pub media_counters: Arc<MediaCounters>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
@@ -28,10 +29,15 @@ pub struct MediaHandle {
 
 impl MediaHandle {
     /// Start the engine thread on an already bound socket.
-    pub fn start(cfg: EngineConfig, udp: UdpIo, keys: KeySet) -> std::io::Result<Arc<MediaHandle>> {
+    pub fn start(
+        cfg: EngineConfig,
+        udp: UdpIo,
+        keys: KeySet,
+        directory: Directory,
+        cluster: Arc<Cluster>,
+    ) -> std::io::Result<Arc<MediaHandle>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let media_counters = Arc::new(MediaCounters::default());
-        let directory: Directory = Arc::new(RwLock::new(HashSet::new()));
         let auto_create = cfg.auto_create;
         let (c2, d2) = (media_counters.clone(), directory.clone());
         let thread = std::thread::Builder::new()
@@ -42,6 +48,7 @@ impl MediaHandle {
             keys,
             auto_create,
             directory,
+            cluster,
             signal_counters: Arc::new(SignalCounters::default()),
             media_counters,
             thread: Some(thread),
@@ -133,6 +140,34 @@ impl Backend for MediaHandle {
 
     fn join(&self, ticket: JoinTicket, out: OutboundTx) -> JoinFuture<'_> {
         Box::pin(async move {
+            // A room lives where placement puts it, or nowhere.
+            let room = ticket.claims.video().room.clone();
+            if !self.room_exists(&room) && !ticket.options.reconnect {
+                let c = &self.cluster;
+                match c.place(&room, c.allowed_for(None)).await {
+                    Ok(node) if node.id == c.me.id => {}
+                    Ok(node) => {
+                        c.counters
+                            .wrong_node
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(Refusal::new(
+                            StatusCode::CONFLICT,
+                            "wrong_node",
+                            format!(
+                                "this room is hosted on node {} ({}): connect to {}",
+                                node.id, node.jurisdiction, node.url
+                            ),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(Refusal::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            e.reason(),
+                            e.to_string(),
+                        ));
+                    }
+                }
+            }
             let (reply, wait) = oneshot::channel();
             let unavailable = || {
                 Refusal::new(
