@@ -14,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use lk::signal_request::Message as Req;
+use moselle::signaling::proto as lk;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -320,4 +322,41 @@ async fn a_redis_outage_does_not_cut_running_calls() {
     let r = upgrade_attempt(lu.addr, &format!("&access_token={t}"), &[]).await;
     assert_eq!(r.status, 101, "{}", r.body);
     ping(&mut alice, 43).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_no_new_rooms_running_calls_go_on_then_exit() {
+    let redis = Redis::start();
+    let mut a = Node::start("drain-a", "LU", &redis.url());
+    let b = Node::start("drain-b", "LU", &redis.url());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let all = ids(&[&a, &b]);
+    // A call on node a (equal loads: ties go to the lower id, a).
+    let (mut alice, _) = join(a.addr, &token("ongoing", "alice")).await;
+
+    // SIGTERM: a takes no new rooms (they go to b), the call on a goes on.
+    // SAFETY: sending a signal to a child process we own.
+    unsafe {
+        libc::kill(a.child.id() as i32, libc::SIGTERM);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // next heartbeat says draining
+    for i in 0..3 {
+        let n = placed_via(&b, &format!("fresh-{i}"), &all).await.unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
+        assert_eq!(n, "drain-b", "a draining node takes no new rooms");
+    }
+    ping(&mut alice, 1).await;
+    assert!(a.child.try_wait().unwrap().is_none(), "node a keeps serving its call");
+
+    // The call ends: node a exits by itself.
+    send(&mut alice, Req::Leave(lk::LeaveRequest::default())).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = a.child.try_wait().unwrap() {
+            assert!(status.success(), "drained node exits cleanly: {status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node a did not exit after its last call ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.kill();
 }
