@@ -1,0 +1,160 @@
+"""Jurisdiction-pinned media with real parts: Redis, Synapse, three Moselle
+nodes (two LU, one DE; policy LU), the LiveKit Python SDK. The token
+service, asked on the DE node, sends both callers to the LU node that holds
+the room; their media flows through that node's port; stopping Redis does
+not cut the call. Runs inside tests/netns.sh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import HOST, start_moselle, stop_moselle
+from moselle_helpers import Client, run, wait_until
+from synapse_harness import Synapse
+from test_call import _pub_sid, _wait_video
+from test_matrix import get_token_body, post
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    port = _free_port()
+    proc = subprocess.Popen(
+        # Protected mode would refuse clients on the namespace address; nothing
+        # outside this namespace can reach it.
+        ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no",
+         "--protected-mode", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((HOST, port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("redis-server did not start (Debian package redis-server)")
+            time.sleep(0.05)
+    yield proc, f"redis://{HOST}:{port}"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def synapse(tmp_path_factory):
+    hs = Synapse().start(tmp_path_factory.mktemp("synapse"))
+    yield hs
+    hs.stop()
+
+
+def _node_config(d: Path, node_id: str, jurisdiction: str, redis_url: str, matrix: str = "") -> str:
+    text = (REPO / "config" / "moselle.toml").read_text()
+    text = (text.replace('node_id = "moselle-1"', f'node_id = "{node_id}"')
+                .replace('jurisdiction = "LU"', f'jurisdiction = "{jurisdiction}"')
+                .replace('redis_url = ""', f'redis_url = "{redis_url}"')
+                .replace("heartbeat_secs = 2", "heartbeat_secs = 1")
+                .replace("node_ttl_secs = 6", "node_ttl_secs = 3")
+                .replace("auto_create = true", "auto_create = false"))
+    if matrix:
+        start = text.index("[matrix]")
+        end = text.index("[cluster]")
+        text = text[:start] + matrix + text[end:]
+    path = d / f"{node_id}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_token_service_sends_callers_to_the_lu_node_and_media_flows_there(tmp_path, redis_server, synapse):
+    redis_proc, redis_url = redis_server
+    admin = synapse.register("svc", admin=True)
+    alice, bob = synapse.register("alice"), synapse.register("bob")
+    room_id = alice.create_room()
+    bob.join(room_id)
+    matrix = f"""[matrix]
+enabled = true
+livekit_url = "ws://unused"
+full_access_homeservers = ["localhost"]
+denied_homeservers = []
+token_ttl_secs = 600
+request_timeout_ms = 3000
+membership_recheck_secs = 5
+requests_per_minute_per_address = 600
+requests_per_minute_per_user = 600
+allow_metadata_updates = false
+
+[matrix.homeserver_urls]
+localhost = "{synapse.base_url}"
+
+[matrix.membership]
+method = "admin_api"
+homeserver_url = "{synapse.base_url}"
+access_token = "{admin.access_token}"
+
+"""
+    nodes = {}
+    try:
+        for node_id, j in (("lu-1", "LU"), ("lu-2", "LU")):
+            d = tmp_path / node_id
+            d.mkdir()
+            nodes[node_id] = start_moselle(d, ["--config", _node_config(d, node_id, j, redis_url)])
+        d = tmp_path / "de-1"
+        d.mkdir()
+        de = nodes["de-1"] = start_moselle(d, ["--config", _node_config(d, "de-1", "DE", redis_url, matrix)])
+        time.sleep(1.5)  # first heartbeats
+
+        st, a = post(de, "/get_token", get_token_body(alice, room_id, alice.openid_token()))
+        assert st == 200, a
+        st, b = post(de, "/get_token", get_token_body(bob, room_id, bob.openid_token(), device="D2", member="m2"))
+        assert st == 200, b
+        assert a["url"] == b["url"], "both callers are sent to the node holding the room"
+        placed = next((n for n in ("lu-1", "lu-2") if nodes[n].url == a["url"]), None)
+        assert placed, f"the token service must send callers to an LU node, not {a['url']} (DE is {de.url})"
+        node = nodes[placed]
+
+        async def scenario():
+            async with contextlib.AsyncExitStack() as stack:
+                ca = await stack.enter_async_context(Client("alice"))
+                cb = await stack.enter_async_context(Client("bob"))
+                await ca.connect(a["url"], a["jwt"])
+                await cb.connect(b["url"], b["jwt"])
+                vpub = await ca.publish_video(640, 360, 15, simulcast=False)
+                await cb.events.wait_for("track_subscribed", _pub_sid(vpub.sid), 10, "alice's video")
+                await _wait_video(cb, vpub.sid, "alice")
+
+                # The media path: every remote candidate bob was given, and
+                # the pair in use, are the placed node's UDP port.
+                stats = await cb.room.get_rtc_stats()
+                ports = {s.remote_candidate.candidate.port
+                         for s in stats.publisher_stats + stats.subscriber_stats
+                         if s.WhichOneof("stats") == "remote_candidate"}
+                assert ports == {node.udp_port}, (
+                    f"bob's remote candidates {ports}; placed node {placed} has UDP port {node.udp_port}, "
+                    f"DE node {de.udp_port}")
+
+                # Redis goes away mid-call: the call goes on.
+                redis_proc.kill()
+                redis_proc.wait()
+                st_ = cb.probe.video[vpub.sid]
+                before = st_.frames
+                await asyncio.sleep(3)
+                assert st_.frames - before >= 20, f"video stalled without Redis: {st_.describe()}"
+
+        run(scenario, timeout=60)
+    finally:
+        for n in nodes.values():
+            stop_moselle(n)
