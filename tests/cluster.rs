@@ -341,11 +341,16 @@ async fn sigterm_drains_no_new_rooms_running_calls_go_on_then_exit() {
     }
     tokio::time::sleep(Duration::from_millis(2500)).await; // next heartbeat says draining
     for i in 0..3 {
-        let n = placed_via(&b, &format!("fresh-{i}"), &all).await.unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
+        let n = placed_via(&b, &format!("fresh-{i}"), &all)
+            .await
+            .unwrap_or_else(|r| panic!("{} {}", r.status, r.body));
         assert_eq!(n, "drain-b", "a draining node takes no new rooms");
     }
     ping(&mut alice, 1).await;
-    assert!(a.child.try_wait().unwrap().is_none(), "node a keeps serving its call");
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "node a keeps serving its call"
+    );
 
     // The call ends: node a exits by itself.
     send(&mut alice, Req::Leave(lk::LeaveRequest::default())).await;
@@ -355,7 +360,10 @@ async fn sigterm_drains_no_new_rooms_running_calls_go_on_then_exit() {
             assert!(status.success(), "drained node exits cleanly: {status:?}");
             break;
         }
-        assert!(Instant::now() < deadline, "node a did not exit after its last call ended");
+        assert!(
+            Instant::now() < deadline,
+            "node a did not exit after its last call ended"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     a.kill();

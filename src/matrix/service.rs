@@ -225,7 +225,7 @@ async fn issue_for_get_token(
     body: &Bytes,
 ) -> Result<Response, Refuse> {
     limit_address(svc, peer)?;
-    let req: GetToken = parse(svc, body)?;
+    let req: GetToken = parse(svc, &body)?;
     let _ = (&req.delay_cs_api_url,);
     if req.room_id.is_empty() || req.slot_id.is_empty() {
         return Err(bad_json(
@@ -279,7 +279,7 @@ async fn issue_for_sfu_get(
     body: &Bytes,
 ) -> Result<Response, Refuse> {
     limit_address(svc, peer)?;
-    let req: SfuGet = parse(svc, body)?;
+    let req: SfuGet = parse(svc, &body)?;
     let _ = (&req.delay_cs_api_url,);
     if req.room.is_empty() {
         return Err(bad_json(svc, "Missing room parameter"));

@@ -261,6 +261,16 @@ fn drain(
     }
 }
 
+/// Tell a client its session cannot go on and it must join afresh.
+fn rejoin() -> Resp {
+    Resp::Leave(lk::LeaveRequest {
+        reason: lk::DisconnectReason::StateMismatch as i32,
+        action: lk::leave_request::Action::Reconnect as i32,
+        can_reconnect: true,
+        ..Default::default()
+    })
+}
+
 fn refusal(status: StatusCode, reason: &'static str, msg: impl Into<String>) -> Refusal {
     Refusal::new(status, reason, msg)
 }
@@ -787,12 +797,7 @@ impl Core {
                 return Ok(self.resume(key, out));
             }
             // Nothing to resume: the client must join afresh.
-            let _ = out.try_send(Outgoing::Signal(Box::new(Resp::Leave(lk::LeaveRequest {
-                reason: lk::DisconnectReason::StateMismatch as i32,
-                action: lk::leave_request::Action::Reconnect as i32,
-                can_reconnect: true,
-                ..Default::default()
-            }))));
+            let _ = out.try_send(Outgoing::Signal(Box::new(rejoin())));
             let _ = out.try_send(Outgoing::Close);
             return Ok((usize::MAX, 0));
         }
@@ -1548,12 +1553,7 @@ impl Core {
         if unknown {
             tracing::info!(participant = %p.sid, "sync state names unknown tracks: full reconnect");
             let p = &mut self.parts[key];
-            p.send(Resp::Leave(lk::LeaveRequest {
-                reason: lk::DisconnectReason::StateMismatch as i32,
-                action: lk::leave_request::Action::Reconnect as i32,
-                can_reconnect: true,
-                ..Default::default()
-            }));
+            p.send(rejoin());
         }
     }
 

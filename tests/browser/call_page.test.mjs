@@ -3,23 +3,14 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
-import { startServer, launchBrowser, openCall, inboundVideo, framesOver, waitFor, OUT } from './harness.mjs';
+import { useServerAndBrowser, openCall, inboundVideo, framesOver, waitFor, OUT } from './harness.mjs';
 
-let server;
-let browser;
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser(server);
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser({ before, after });
 
 test('two people see and hear each other on the call page, mute shows, speaker shows', async () => {
   const room = `page-${Date.now()}`;
-  const alice = await openCall(browser, server, { room, name: 'Alice' });
-  const bob = await openCall(browser, server, { room, name: 'Bob' });
+  const alice = await openCall(env.browser, env.server, { room, name: 'Alice' });
+  const bob = await openCall(env.browser, env.server, { room, name: 'Bob' });
 
   for (const [me, other] of [[alice, 'Bob'], [bob, 'Alice']]) {
     const st = await waitFor(`${me.name} to decode ${other}'s video`, async () => {

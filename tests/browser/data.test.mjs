@@ -1,25 +1,16 @@
 // Data packets and participant metadata between browsers (livekit-client).
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, openCall, waitFor, sleep } from './harness.mjs';
+import { useServerAndBrowser, openCall, waitFor, sleep } from './harness.mjs';
 
-let server;
-let browser;
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser(server);
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser({ before, after });
 
 const received = (p) => p.page.evaluate(() => window.moselleCall.events.filter((e) => e.type === 'data'));
 
 test('reliable and lossy data reach the room, or only the named identities', async () => {
   const room = `data-${Date.now()}`;
   const ps = [];
-  for (const name of ['Alice', 'Bob', 'Carol']) ps.push(await openCall(browser, server, { room, name, query: { media: '0' } }));
+  for (const name of ['Alice', 'Bob', 'Carol']) ps.push(await openCall(env.browser, env.server, { room, name, query: { media: '0' } }));
   const [a, b, c] = ps;
   await waitFor('everyone to see everyone', async () => {
     for (const p of ps) {
@@ -51,8 +42,8 @@ test('reliable and lossy data reach the room, or only the named identities', asy
 
 test('metadata and attribute updates reach the others', async () => {
   const room = `meta-${Date.now()}`;
-  const a = await openCall(browser, server, { room, name: 'Alice', query: { media: '0', canUpdateMetadata: '1' } });
-  const b = await openCall(browser, server, { room, name: 'Bob', query: { media: '0' } });
+  const a = await openCall(env.browser, env.server, { room, name: 'Alice', query: { media: '0', canUpdateMetadata: '1' } });
+  const b = await openCall(env.browser, env.server, { room, name: 'Bob', query: { media: '0' } });
   await waitFor('Bob to see Alice', () => b.page.evaluate(() => window.moselleCall.room.remoteParticipants.size === 1));
   await a.page.evaluate(async () => {
     const lp = window.moselleCall.room.localParticipant;

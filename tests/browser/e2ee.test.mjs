@@ -4,18 +4,9 @@
 // with the wrong key decodes nothing.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, openCall, inboundVideo, waitFor, sleep } from './harness.mjs';
+import { useServerAndBrowser, openCall, inboundVideo, waitFor, sleep } from './harness.mjs';
 
-let server;
-let browser;
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser(server);
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser({ before, after });
 
 const sizeVideoOf = (p, who, w, h) => p.page.addStyleTag({
   content: `#tile-${who} { width: ${w}px; height: ${h}px; aspect-ratio: auto; } #tile-${who} video { width: ${w}px; height: ${h}px; }`,
@@ -23,9 +14,9 @@ const sizeVideoOf = (p, who, w, h) => p.page.addStyleTag({
 
 test('E2EE: same key decodes and switches layers by element size; wrong key decodes nothing', async () => {
   const room = `e2ee-${Date.now()}`;
-  const alice = await openCall(browser, server, { room, name: 'Alice', e2ee: 'correct horse' });
-  const bob = await openCall(browser, server, { room, name: 'Bob', e2ee: 'correct horse', query: { media: '0' } });
-  const carol = await openCall(browser, server, { room, name: 'Carol', e2ee: 'wrong key', query: { media: '0' } });
+  const alice = await openCall(env.browser, env.server, { room, name: 'Alice', e2ee: 'correct horse' });
+  const bob = await openCall(env.browser, env.server, { room, name: 'Bob', e2ee: 'correct horse', query: { media: '0' } });
+  const carol = await openCall(env.browser, env.server, { room, name: 'Carol', e2ee: 'wrong key', query: { media: '0' } });
 
   // The publication is marked encrypted for the receivers.
   const enc = await waitFor("Bob to see Alice's camera", () => bob.page.evaluate(() => {

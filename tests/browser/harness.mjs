@@ -175,3 +175,20 @@ export async function framesOver(p, from, ms) {
   const b = await inboundVideo(p, from);
   return (b?.framesDecoded || 0) - (a?.framesDecoded || 0);
 }
+
+/**
+ * One server and one browser for a test file, started before its tests and
+ * stopped after them. Returns a live view: `env.server`, `env.browser`.
+ */
+export function useServerAndBrowser(hooks) {
+  const env = { server: null, browser: null };
+  hooks.before(async () => {
+    env.server = await startServer();
+    env.browser = await launchBrowser(env.server);
+  });
+  hooks.after(async () => {
+    await env.browser?.close();
+    await env.server?.stop();
+  });
+  return env;
+}

@@ -3,18 +3,9 @@
 // follow who talks, and connection quality updates.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, openCall, inboundVideo, waitFor, sleep } from './harness.mjs';
+import { useServerAndBrowser, openCall, inboundVideo, waitFor, sleep } from './harness.mjs';
 
-let server;
-let browser;
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser(server);
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser({ before, after });
 
 /** framesEncoded per simulcast layer (rid) of the page's own camera. */
 const encoded = (p) => p.page.evaluate(async () => {
@@ -39,8 +30,8 @@ const setHidden = (p, who, hidden) => p.page.evaluate(([who, hidden]) => {
 
 test('a hidden video stops flowing; dynacast pauses what nobody watches; both come back', async () => {
   const room = `adaptive-${Date.now()}`;
-  const alice = await openCall(browser, server, { room, name: 'Alice' });
-  const bob = await openCall(browser, server, { room, name: 'Bob', query: { media: '0' } });
+  const alice = await openCall(env.browser, env.server, { room, name: 'Alice' });
+  const bob = await openCall(env.browser, env.server, { room, name: 'Bob', query: { media: '0' } });
   await waitFor("Bob to decode Alice", async () => (await inboundVideo(bob, 'Alice'))?.framesDecoded > 10, 20000);
   const layers = await waitFor('Alice to send three layers', async () => {
     const g = await encodedOver(alice, 1000);
@@ -76,8 +67,8 @@ test('a hidden video stops flowing; dynacast pauses what nobody watches; both co
 
 test('active speakers follow who talks; connection quality is reported', async () => {
   const room = `speak-${Date.now()}`;
-  const alice = await openCall(browser, server, { room, name: 'Alice' });
-  const bob = await openCall(browser, server, { room, name: 'Bob' });
+  const alice = await openCall(env.browser, env.server, { room, name: 'Alice' });
+  const bob = await openCall(env.browser, env.server, { room, name: 'Bob' });
   await bob.page.click('#mic'); // Bob mutes: only Alice's tone is heard
   const speakers = (p) => p.page.evaluate(() => window.moselleCall.room.activeSpeakers.map((s) => s.identity));
   await waitFor('Bob to see Alice as the only speaker', async () => {

@@ -3,25 +3,16 @@
 // session brings the media path back.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, launchBrowser, openCall, inboundVideo, framesOver, waitFor } from './harness.mjs';
+import { useServerAndBrowser, openCall, inboundVideo, framesOver, waitFor } from './harness.mjs';
 
-let server;
-let browser;
-before(async () => {
-  server = await startServer();
-  browser = await launchBrowser(server);
-});
-after(async () => {
-  await browser?.close();
-  await server?.stop();
-});
+const env = useServerAndBrowser({ before, after });
 
 const events = (p, type) => p.page.evaluate((type) => window.moselleCall.events.filter((e) => e.type === type), type);
 const sid = (p) => p.page.evaluate(() => window.moselleCall.room.localParticipant.sid);
 
 async function call(room) {
-  const alice = await openCall(browser, server, { room, name: 'Alice' });
-  const bob = await openCall(browser, server, { room, name: 'Bob' });
+  const alice = await openCall(env.browser, env.server, { room, name: 'Alice' });
+  const bob = await openCall(env.browser, env.server, { room, name: 'Bob' });
   for (const [me, other] of [[alice, 'Bob'], [bob, 'Alice']]) {
     await waitFor(`${me.name} to decode ${other}`, async () => (await inboundVideo(me, other))?.framesDecoded > 10, 20000);
   }
@@ -31,7 +22,7 @@ async function call(room) {
 test('a dropped signaling socket is resumed without a rejoin', async () => {
   const [alice, bob] = await call(`resume-${Date.now()}`);
   const bobSid = await sid(bob);
-  const sessions = await server.metric('signal_sessions_started_total');
+  const sessions = await env.server.metric('signal_sessions_started_total');
 
   await bob.page.evaluate(() => window.moselleCall.room.simulateScenario('signal-reconnect'));
   await waitFor('Bob to resume', async () => (await events(bob, 'reconnected')).length > 0, 20000);
@@ -40,8 +31,8 @@ test('a dropped signaling socket is resumed without a rejoin', async () => {
   assert.equal((await events(bob, 'reconnecting')).length, 0, 'no full reconnect');
   assert.equal(await sid(bob), bobSid, 'same participant after the resume');
   assert.equal((await events(alice, 'left')).length, 0, 'Alice never saw Bob leave');
-  assert.ok(await server.metric('signal_sessions_started_total') > sessions, 'a new socket was opened');
-  assert.equal(await server.metric('participants'), 2);
+  assert.ok(await env.server.metric('signal_sessions_started_total') > sessions, 'a new socket was opened');
+  assert.equal(await env.server.metric('participants'), 2);
   assert.ok(await framesOver(alice, 'Bob', 1500) > 10, "Alice still decodes Bob's video");
   assert.ok(await framesOver(bob, 'Alice', 1500) > 10, "Bob still decodes Alice's video");
 
