@@ -212,18 +212,8 @@ async fn get_token(
     State(svc): State<Arc<TokenService>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
-) -> Response {
-    match issue_for_get_token(&svc, peer, &body).await {
-        Ok(r) => r,
-        Err(r) => r.into_response(),
-    }
-}
-
-async fn issue_for_get_token(
-    svc: &TokenService,
-    peer: SocketAddr,
-    body: &Bytes,
 ) -> Result<Response, Refuse> {
+    let svc = &*svc;
     limit_address(svc, peer)?;
     let req: GetToken = parse(svc, &body)?;
     let _ = (&req.delay_cs_api_url,);
@@ -266,18 +256,8 @@ async fn sfu_get(
     State(svc): State<Arc<TokenService>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
-) -> Response {
-    match issue_for_sfu_get(&svc, peer, &body).await {
-        Ok(r) => r,
-        Err(r) => r.into_response(),
-    }
-}
-
-async fn issue_for_sfu_get(
-    svc: &TokenService,
-    peer: SocketAddr,
-    body: &Bytes,
 ) -> Result<Response, Refuse> {
+    let svc = &*svc;
     limit_address(svc, peer)?;
     let req: SfuGet = parse(svc, &body)?;
     let _ = (&req.delay_cs_api_url,);
