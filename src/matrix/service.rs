@@ -106,8 +106,11 @@ impl IntoResponse for Refuse {
     }
 }
 
+// Fields clients send that the service accepts but does not act on are kept
+// so that unknown fields can still be refused.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct OpenIdToken {
     #[serde(default)]
     access_token: String,
@@ -132,6 +135,7 @@ struct Member {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct GetToken {
     #[serde(default)]
     room_id: String,
@@ -150,6 +154,7 @@ struct GetToken {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 struct SfuGet {
     #[serde(default)]
     room: String,
@@ -216,7 +221,6 @@ async fn get_token(
     let svc = &*svc;
     limit_address(svc, peer)?;
     let req: GetToken = parse(svc, &body)?;
-    let _ = (&req.delay_cs_api_url,);
     if req.room_id.is_empty() || req.slot_id.is_empty() {
         return Err(bad_json(
             svc,
@@ -260,7 +264,6 @@ async fn sfu_get(
     let svc = &*svc;
     limit_address(svc, peer)?;
     let req: SfuGet = parse(svc, &body)?;
-    let _ = (&req.delay_cs_api_url,);
     if req.room.is_empty() {
         return Err(bad_json(svc, "Missing room parameter"));
     }
@@ -287,7 +290,6 @@ fn openid_of<'a>(
     svc: &TokenService,
     t: &'a Option<OpenIdToken>,
 ) -> Result<&'a OpenIdToken, Refuse> {
-    let _ = t.as_ref().map(|t| (&t.token_type, t.expires_in));
     match t {
         Some(t) if !t.access_token.is_empty() && !t.matrix_server_name.is_empty() => Ok(t),
         _ => Err(bad_json(
