@@ -71,9 +71,7 @@ def _node_config(d: Path, node_id: str, jurisdiction: str, redis_url: str, matri
                 .replace("node_ttl_secs = 6", "node_ttl_secs = 3")
                 .replace("auto_create = true", "auto_create = false"))
     if matrix:
-        start = text.index("[matrix]")
-        end = text.index("[cluster]")
-        text = text[:start] + matrix + text[end:]
+        text = text[: text.index("[matrix]")] + matrix + text[text.index("[cluster]"):]
     path = d / f"{node_id}.toml"
     path.write_text(text)
     return str(path)

@@ -10,6 +10,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from synapse_harness import Synapse
 from test_call import _is, _pub_sid
 
 EVENT_TIMEOUT_S = 10.0
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +42,9 @@ def people(synapse):
 def _config(tmp_path, synapse, admin, method="admin_api", recheck=1, timeout_ms=2000, slow_url="http://127.0.0.1:9") -> str:
     """A node with the token service on, homeserver 'localhost' found via the
     override map, membership checked with the given method."""
-    text = f"""
-[server]
-bind = "0.0.0.0"
-http_port = 7880
-udp_port = 7882
-node_ips = []
-node_id = "moselle-test"
-jurisdiction = "LU"
-
-[keys]
-
-[room]
-auto_create = false
-empty_timeout_secs = 300
-departure_timeout_secs = 20
-max_participants = 0
-resume_window_secs = 20
-
-[rtc]
-pli_throttle_ms = 500
-
-[call_page]
-enabled = false
-assets_dir = "web/node_modules/livekit-client/dist"
-token_ttl_secs = 3600
-
-[matrix]
+    # The embedded default, with the token service on and auto-create off.
+    text = (REPO / "config" / "moselle.toml").read_text()
+    matrix = f"""[matrix]
 enabled = true
 livekit_url = "ws://placeholder"
 full_access_homeservers = ["localhost"]
@@ -87,10 +65,9 @@ method = "{method}"
 homeserver_url = "{synapse.base_url}"
 access_token = "{admin.access_token}"
 
-[log]
-format = "text"
-level = "info"
 """
+    text = text[: text.index("[matrix]")] + matrix + text[text.index("[cluster]"):]
+    text = text.replace("auto_create = true", "auto_create = false")
     path = tmp_path / f"moselle-{method}.toml"
     path.write_text(text)
     return str(path)
