@@ -41,16 +41,38 @@ async def frames_after(st, seconds: float) -> int:
     return st.frames - start
 
 
-async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0) -> None:
+async def frames_decoded(pub) -> int:
+    """What the subscriber's decoder did (libwebrtc's own count): unlike the
+    Python frame stream, it does not depend on how busy the test process is."""
+    for s in await pub.track.get_stats():
+        if s.WhichOneof("stats") == "inbound_rtp":
+            return s.inbound_rtp.inbound.frames_decoded
+    return 0
+
+
+async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0, pub=None) -> None:
     """Wait until the last decoded frame has `size` (and a few more follow)."""
     await wait_until(
         lambda: (st.width, st.height) == size,
         timeout,
         lambda: f"{who}: expected decoded frames of {size[0]}x{size[1]} within {timeout:.0f}s; got {st.describe()}",
     )
-    n = await frames_after(st, 2.0)
+    if pub is not None:
+        d0 = await frames_decoded(pub)
+        await asyncio.sleep(2.0)
+        n = await frames_decoded(pub) - d0
+    else:
+        n = await frames_after(st, 2.0)
+    diag = ""
+    if pub is not None:
+        for x in await pub.track.get_stats():
+            if x.WhichOneof("stats") == "inbound_rtp":
+                i = x.inbound_rtp.inbound
+                diag = (f" (decoder: decoded {i.frames_decoded}, received {i.frames_received}, dropped {i.frames_dropped}, "
+                        f"keyframes {i.key_frames_decoded}, freezes {i.freeze_count}, PLIs {i.pli_count}, "
+                        f"NACKs {i.nack_count}, lost {x.inbound_rtp.received.packets_lost}, {i.frame_width}x{i.frame_height})")
     assert n >= 5 and (st.width, st.height) == size, (
-        f"{who}: after switching to {size}, {n} frames in 2 s, last {st.width}x{st.height}"
+        f"{who}: after switching to {size}, {n} frames decoded in 2 s, last {st.width}x{st.height}{diag}"
     )
 
 
@@ -78,9 +100,9 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
                 await x.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
             await asyncio.gather(_wait_video(b, vpub.sid, "A"), _wait_video(c, vpub.sid, "A"))
             bst, cst = b.probe.video[vpub.sid], c.probe.video[vpub.sid]
-            await wait_size(bst, (W, H), "B (default: top layer)")
-
             bpub = b.room.remote_participants["A"].track_publications[vpub.sid]
+            await wait_size(bst, (W, H), "B (default: top layer)", pub=bpub)
+
             sizes = {}
             for q, name in ((rtc.VideoQuality.VIDEO_QUALITY_LOW, "LOW"), (rtc.VideoQuality.VIDEO_QUALITY_MEDIUM, "MEDIUM")):
                 bpub.set_video_quality(q)
@@ -91,13 +113,13 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
                     lambda: f"B after {name}: expected a smaller layer than {prev}; got {bst.describe()}",
                 )
                 sizes[name] = (bst.width, bst.height)
-                await wait_size(bst, sizes[name], f"B after {name}")
+                await wait_size(bst, sizes[name], f"B after {name}", pub=bpub)
                 assert (cst.width, cst.height) == (W, H), f"C must keep the top layer: {cst.describe()}"
             assert sizes["LOW"][0] < sizes["MEDIUM"][0] < W, f"layers must grow LOW < MEDIUM < HIGH: {sizes}"
             for w, h in sizes.values():
                 assert abs(w / h - W / H) < 0.05, f"layer {w}x{h} lost the aspect ratio"
             bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
-            await wait_size(bst, (W, H), "B after HIGH")
+            await wait_size(bst, (W, H), "B after HIGH", pub=bpub)
             assert (cst.width, cst.height) == (W, H), f"C must keep the top layer: {cst.describe()}"
             assert bst.error is None and cst.error is None, (bst.describe(), cst.describe())
 
@@ -193,9 +215,9 @@ def test_video_codecs(server, codec):
                 lambda: f"B after LOW ({codec}): expected a smaller 16:9 layer; got {st.describe()}",
             )
             low = (st.width, st.height)
-            await wait_size(st, low, f"B after LOW ({codec})")
+            await wait_size(st, low, f"B after LOW ({codec})", pub=rpub)
             rpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
-            await wait_size(st, (960, 540), f"B after HIGH ({codec})")
+            await wait_size(st, (960, 540), f"B after HIGH ({codec})", pub=rpub)
 
     run(scenario, timeout=60)
 
