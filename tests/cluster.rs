@@ -30,24 +30,28 @@ struct Redis {
     port: u16,
 }
 
+fn spawn_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (Debian package redis-server)")
+}
+
 impl Redis {
     fn start() -> Redis {
         let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (Debian package redis-server)");
+        let child = spawn_redis(port);
         let r = Redis { child, port };
         r.wait_up();
         r
@@ -72,21 +76,7 @@ impl Redis {
 
     fn restart(&mut self) {
         self.kill();
-        self.child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        self.child = spawn_redis(self.port);
         self.wait_up();
     }
 }
