@@ -22,22 +22,18 @@ use moselle_signaling::backend::{JoinTicket, OutboundTx, Outgoing, Refusal};
 use moselle_signaling::ids;
 use moselle_signaling::join::Flavor;
 use slab::Slab;
-use str0m::change::SdpOffer;
-use str0m::media::{KeyframeRequestKind, Mid};
+use str0m::media::KeyframeRequestKind;
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
-use super::data;
 use super::forward::{layer_for_size, Forwarder, Layer, Verdict};
 use super::keyframe::VideoCodec;
-use super::participant::{
-    Participant, PcRole, Peer, PendingTrack, SendSlot, SlotState, Sub, SubscriberPeer,
-};
+use super::participant::{Participant, PcRole, Peer, PendingTrack, SlotState, Sub, SubscriberPeer};
 use super::room::{now_ms, Room, Track, MAX_LAYERS};
-use super::sdp::{self, Dir, Kind, SendSlotView};
+use super::sdp::{Dir, Kind};
 use super::udp::{Datagram, UdpIo, UdpTx};
 use crate::metrics::MediaCounters;
 
@@ -48,12 +44,12 @@ pub const COMPAT_VERSION: &str = "1.9.0";
 pub const PROTOCOL_VERSION: i32 = 16;
 const PING_INTERVAL: i32 = 5;
 const PING_TIMEOUT: i32 = 15;
-const HOUSEKEEPING: Duration = Duration::from_millis(500);
+pub(super) const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// How often connection quality is assessed (LiveKit: 5 s).
-const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
+pub(super) const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
-const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
+pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
 /// Datagram batches read before commands get a turn.
 const BATCHES_PER_TURN: usize = 16;
 
@@ -104,28 +100,28 @@ pub enum Command {
 /// Room names currently open, readable from other threads (for `/validate`).
 pub type Directory = Arc<RwLock<HashSet<String>>>;
 
-struct Core {
-    cfg: EngineConfig,
-    tx: UdpTx,
-    rooms: Slab<Room>,
-    room_by_name: HashMap<String, usize>,
-    parts: Slab<Participant>,
-    by_ufrag: HashMap<String, (usize, PcRole)>,
-    by_addr: HashMap<SocketAddr, (usize, PcRole)>,
+pub(super) struct Core {
+    pub(super) cfg: EngineConfig,
+    pub(super) tx: UdpTx,
+    pub(super) rooms: Slab<Room>,
+    pub(super) room_by_name: HashMap<String, usize>,
+    pub(super) parts: Slab<Participant>,
+    pub(super) by_ufrag: HashMap<String, (usize, PcRole)>,
+    pub(super) by_addr: HashMap<SocketAddr, (usize, PcRole)>,
     /// Participants whose str0m state changed and must be polled.
-    dirty: Vec<usize>,
-    is_dirty: Vec<bool>,
-    events: Vec<(PcRole, Event)>,
-    due: Vec<usize>,
-    counters: Arc<MediaCounters>,
-    directory: Directory,
-    next_gen: u64,
-    next_housekeeping: Instant,
-    next_quality: Instant,
+    pub(super) dirty: Vec<usize>,
+    pub(super) is_dirty: Vec<bool>,
+    pub(super) events: Vec<(PcRole, Event)>,
+    pub(super) due: Vec<usize>,
+    pub(super) counters: Arc<MediaCounters>,
+    pub(super) directory: Directory,
+    pub(super) next_gen: u64,
+    pub(super) next_housekeeping: Instant,
+    pub(super) next_quality: Instant,
     // Batched counter updates, published once per loop turn.
-    n_rtp_in: u64,
-    n_fwd: u64,
-    n_fwd_bytes: u64,
+    pub(super) n_rtp_in: u64,
+    pub(super) n_fwd: u64,
+    pub(super) n_fwd_bytes: u64,
 }
 
 /// Run the engine on the current thread until the command channel closes.
@@ -262,7 +258,7 @@ fn drain(
 }
 
 /// Tell a client its session cannot go on and it must join afresh.
-fn rejoin() -> Resp {
+pub(super) fn rejoin() -> Resp {
     Resp::Leave(lk::LeaveRequest {
         reason: lk::DisconnectReason::StateMismatch as i32,
         action: lk::leave_request::Action::Reconnect as i32,
@@ -271,11 +267,11 @@ fn rejoin() -> Resp {
     })
 }
 
-fn refusal(status: StatusCode, reason: &'static str, msg: impl Into<String>) -> Refusal {
+pub(super) fn refusal(status: StatusCode, reason: &'static str, msg: impl Into<String>) -> Refusal {
     Refusal::new(status, reason, msg)
 }
 
-fn error_to(p: &mut Participant, reason: lk::request_response::Reason, message: String) {
+pub(super) fn error_to(p: &mut Participant, reason: lk::request_response::Reason, message: String) {
     p.send(Resp::RequestResponse(lk::RequestResponse {
         reason: reason as i32,
         message,
@@ -284,7 +280,7 @@ fn error_to(p: &mut Participant, reason: lk::request_response::Reason, message: 
 }
 
 /// A refusal that names the request, so the client can fail that call.
-fn refuse_request(
+pub(super) fn refuse_request(
     p: &mut Participant,
     reason: lk::request_response::Reason,
     message: String,
@@ -299,7 +295,7 @@ fn refuse_request(
     }));
 }
 
-fn full_mime(kind: lk::TrackType, codec: &str) -> String {
+pub(super) fn full_mime(kind: lk::TrackType, codec: &str) -> String {
     if codec.contains('/') || codec.is_empty() {
         return codec.to_string();
     }
@@ -316,7 +312,7 @@ fn full_mime(kind: lk::TrackType, codec: &str) -> String {
     format!("{top}/{name}")
 }
 
-fn quality_layer(q: i32, top: Layer) -> Option<Layer> {
+pub(super) fn quality_layer(q: i32, top: Layer) -> Option<Layer> {
     match lk::VideoQuality::try_from(q) {
         Ok(lk::VideoQuality::Low) => Some(0),
         Ok(lk::VideoQuality::Medium) => Some(1.min(top)),
@@ -327,7 +323,7 @@ fn quality_layer(q: i32, top: Layer) -> Option<Layer> {
 }
 
 impl Core {
-    fn next_deadline(&self) -> Instant {
+    pub(super) fn next_deadline(&self) -> Instant {
         let mut d = self.next_housekeeping;
         for (_, p) in self.parts.iter() {
             d = d.min(p.peer.next_timeout);
@@ -338,7 +334,7 @@ impl Core {
         d
     }
 
-    fn mark_dirty(dirty: &mut Vec<usize>, is_dirty: &mut Vec<bool>, key: usize) {
+    pub(super) fn mark_dirty(dirty: &mut Vec<usize>, is_dirty: &mut Vec<bool>, key: usize) {
         if is_dirty.len() <= key {
             is_dirty.resize(key + 1, false);
         }
@@ -350,7 +346,7 @@ impl Core {
 
     // ---------------------------------------------------------------- UDP
 
-    fn datagram(&mut self, d: Datagram<'_>, now: Instant) {
+    pub(super) fn datagram(&mut self, d: Datagram<'_>, now: Instant) {
         let (key, role) = match self.by_addr.get(&d.source) {
             Some(k) => *k,
             None => {
@@ -401,7 +397,7 @@ impl Core {
     }
 
     /// Drain one participant's str0m output: transmit, then handle events.
-    fn poll(&mut self, key: usize, now: Instant) {
+    pub(super) fn poll(&mut self, key: usize, now: Instant) {
         let mut events = std::mem::take(&mut self.events);
         {
             let Some(p) = self.parts.get_mut(key) else {
@@ -433,7 +429,7 @@ impl Core {
         self.events = events;
     }
 
-    fn flush(&mut self) {
+    pub(super) fn flush(&mut self) {
         let now = Instant::now();
         while let Some(k) = self.dirty.pop() {
             if let Some(f) = self.is_dirty.get_mut(k) {
@@ -452,7 +448,7 @@ impl Core {
         MediaCounters::set(&c.udp_send_drops, self.tx.send_drops);
     }
 
-    fn timeouts(&mut self, now: Instant) {
+    pub(super) fn timeouts(&mut self, now: Instant) {
         let mut due = std::mem::take(&mut self.due);
         due.extend(
             self.parts
@@ -488,7 +484,7 @@ impl Core {
         }
     }
 
-    fn event(&mut self, key: usize, role: PcRole, e: Event, now: Instant) {
+    pub(super) fn event(&mut self, key: usize, role: PcRole, e: Event, now: Instant) {
         match e {
             Event::RtpPacket(pkt) if role == PcRole::Main => self.forward(key, pkt, now),
             Event::KeyframeRequest(req) => {
@@ -537,7 +533,7 @@ impl Core {
     // ------------------------------------------------------- forwarding
 
     /// The per-packet path: find the track, decide per subscriber, queue.
-    fn forward(&mut self, key: usize, pkt: RtpPacket, now: Instant) {
+    pub(super) fn forward(&mut self, key: usize, pkt: RtpPacket, now: Instant) {
         self.n_rtp_in += 1;
         let Core {
             parts,
@@ -668,7 +664,13 @@ impl Core {
 
     /// Ask a publisher for a keyframe on one layer, at most once per
     /// throttle interval.
-    fn request_keyframe(&mut self, room: usize, track: usize, layer: Layer, now: Instant) {
+    pub(super) fn request_keyframe(
+        &mut self,
+        room: usize,
+        track: usize,
+        layer: Layer,
+        now: Instant,
+    ) {
         let Some(t) = self
             .rooms
             .get_mut(room)
@@ -700,7 +702,7 @@ impl Core {
 
     // ---------------------------------------------------------- commands
 
-    fn command(&mut self, c: Command) {
+    pub(super) fn command(&mut self, c: Command) {
         match c {
             Command::Join { ticket, out, reply } => {
                 let r = self.join(*ticket, out);
@@ -748,7 +750,7 @@ impl Core {
         self.reap_broken();
     }
 
-    fn server_info(&self) -> lk::ServerInfo {
+    pub(super) fn server_info(&self) -> lk::ServerInfo {
         lk::ServerInfo {
             edition: lk::server_info::Edition::Standard as i32,
             version: COMPAT_VERSION.into(),
@@ -760,7 +762,7 @@ impl Core {
         }
     }
 
-    fn new_rtc(&self) -> Rtc {
+    pub(super) fn new_rtc(&self) -> Rtc {
         let mut rtc = Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
@@ -782,7 +784,11 @@ impl Core {
         rtc
     }
 
-    fn join(&mut self, ticket: JoinTicket, out: OutboundTx) -> Result<(usize, u64), Refusal> {
+    pub(super) fn join(
+        &mut self,
+        ticket: JoinTicket,
+        out: OutboundTx,
+    ) -> Result<(usize, u64), Refusal> {
         let JoinTicket { claims, options } = ticket;
         let grant = claims.video().clone();
         if options.reconnect {
@@ -958,7 +964,7 @@ impl Core {
     /// A client whose socket dropped comes back: same participant, same
     /// tracks, same peer connections; it restarts ICE itself (single PC),
     /// we do for the subscriber connection (dual PC).
-    fn resume(&mut self, key: usize, out: OutboundTx) -> (usize, u64) {
+    pub(super) fn resume(&mut self, key: usize, out: OutboundTx) -> (usize, u64) {
         let gen = self.next_gen;
         self.next_gen += 1;
         let server_info = self.server_info();
@@ -998,7 +1004,7 @@ impl Core {
         (key, gen)
     }
 
-    fn create_room(&mut self, name: &str) -> usize {
+    pub(super) fn create_room(&mut self, name: &str) -> usize {
         let mut sif = vec![0u8; 8];
         rand::Rng::fill(&mut rand::rng(), &mut sif[..]);
         let key = self.rooms.insert(Room {
@@ -1022,7 +1028,7 @@ impl Core {
         key
     }
 
-    fn signal(&mut self, key: usize, msg: Req) {
+    pub(super) fn signal(&mut self, key: usize, msg: Req) {
         match msg {
             Req::Offer(sd) => self.offer(key, sd),
             Req::Answer(sd) => self.subscriber_answer(key, sd),
@@ -1049,7 +1055,7 @@ impl Core {
         }
     }
 
-    fn trickle(&mut self, key: usize, t: lk::TrickleRequest) {
+    pub(super) fn trickle(&mut self, key: usize, t: lk::TrickleRequest) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1086,7 +1092,7 @@ impl Core {
 
     // ------------------------------------------------------ publishing
 
-    fn add_track(&mut self, key: usize, a: lk::AddTrackRequest) {
+    pub(super) fn add_track(&mut self, key: usize, a: lk::AddTrackRequest) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1185,7 +1191,7 @@ impl Core {
 
     /// After an offer: bind announced tracks to their m-lines, drop tracks
     /// whose m-line stopped sending.
-    fn reconcile_published(&mut self, key: usize) {
+    pub(super) fn reconcile_published(&mut self, key: usize) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1321,7 +1327,7 @@ impl Core {
         }
     }
 
-    fn unpublish(&mut self, key: usize, tk: usize) {
+    pub(super) fn unpublish(&mut self, key: usize, tk: usize) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1337,7 +1343,7 @@ impl Core {
         }
     }
 
-    fn mute(&mut self, key: usize, m: lk::MuteTrackRequest) {
+    pub(super) fn mute(&mut self, key: usize, m: lk::MuteTrackRequest) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1370,7 +1376,7 @@ impl Core {
 
     /// Subscribe `key` to room track `tk`. Negotiation follows on the
     /// client's next offer; `renegotiate` asks for that offer now.
-    fn add_sub(&mut self, key: usize, tk: usize, renegotiate: bool) {
+    pub(super) fn add_sub(&mut self, key: usize, tk: usize, renegotiate: bool) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1411,7 +1417,7 @@ impl Core {
         }
     }
 
-    fn drop_sub(&mut self, key: usize, sk: usize, renegotiate: bool) {
+    pub(super) fn drop_sub(&mut self, key: usize, sk: usize, renegotiate: bool) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1435,7 +1441,7 @@ impl Core {
 
     /// Ask a single-PC client to offer again (and add receive m-lines if
     /// it has too few free ones).
-    fn request_reoffer(&mut self, key: usize) {
+    pub(super) fn request_reoffer(&mut self, key: usize) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1469,7 +1475,7 @@ impl Core {
         ));
     }
 
-    fn update_subscription(&mut self, key: usize, s: lk::UpdateSubscription) {
+    pub(super) fn update_subscription(&mut self, key: usize, s: lk::UpdateSubscription) {
         let Some(p) = self.parts.get(key) else { return };
         let room = p.room;
         let mut sids = s.track_sids;
@@ -1499,7 +1505,7 @@ impl Core {
         }
     }
 
-    fn track_settings(&mut self, key: usize, s: lk::UpdateTrackSettings) {
+    pub(super) fn track_settings(&mut self, key: usize, s: lk::UpdateTrackSettings) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1535,7 +1541,7 @@ impl Core {
 
     /// After a resume the client says what it believes it publishes; if we
     /// do not know one of those tracks, only a full rejoin can fix it.
-    fn sync_state(&mut self, key: usize, state: lk::SyncState) {
+    pub(super) fn sync_state(&mut self, key: usize, state: lk::SyncState) {
         let Some(p) = self.parts.get(key) else {
             return;
         };
@@ -1557,591 +1563,9 @@ impl Core {
         }
     }
 
-    // ------------------------------------------------ connection quality
-
-    fn note_loss(&mut self, key: usize, loss: Option<f32>) {
-        if let (Some(p), Some(l)) = (self.parts.get_mut(key), loss) {
-            if l.is_finite() {
-                p.worst_loss = p.worst_loss.max(l.clamp(0.0, 1.0));
-            }
-        }
-    }
-
-    /// Rate each participant by the worst loss on its streams (both
-    /// directions) over the last interval, and tell the room what changed.
-    fn connection_quality(&mut self) {
-        let room_keys: Vec<usize> = self.rooms.iter().map(|(k, _)| k).collect();
-        for rk in room_keys {
-            let mut infos = Vec::new();
-            let mut changed = false;
-            for &pk in &self.rooms[rk].participants {
-                let Some(p) = self.parts.get_mut(pk) else {
-                    continue;
-                };
-                let loss = std::mem::take(&mut p.worst_loss);
-                let q = match loss {
-                    l if l < 0.02 => lk::ConnectionQuality::Excellent,
-                    l if l < 0.06 => lk::ConnectionQuality::Good,
-                    _ => lk::ConnectionQuality::Poor,
-                };
-                changed |= p.quality != Some(q);
-                p.quality = Some(q);
-                infos.push(lk::ConnectionQualityInfo {
-                    participant_sid: p.sid.clone(),
-                    quality: q as i32,
-                    score: (5.0 * (1.0 - loss * 5.0)).clamp(1.0, 5.0),
-                });
-            }
-            if !changed {
-                continue;
-            }
-            for m in self.rooms[rk].participants.clone() {
-                if let Some(o) = self.parts.get_mut(m) {
-                    o.send(Resp::ConnectionQuality(lk::ConnectionQualityUpdate {
-                        updates: infos.clone(),
-                    }));
-                }
-            }
-        }
-    }
-
-    // --------------------------------------------------------- dynacast
-
-    /// Tell publishers which simulcast layers anyone wants: more at once,
-    /// fewer after [`DYNACAST_DOWN_DELAY`].
-    fn dynacast(&mut self, now: Instant) {
-        let mut updates: Vec<(usize, lk::SubscribedQualityUpdate)> = Vec::new();
-        for (_, room) in self.rooms.iter_mut() {
-            for (_, t) in room.tracks.iter_mut() {
-                if t.kind != Kind::Video {
-                    continue;
-                }
-                let wanted: i8 = t
-                    .subscribers
-                    .iter()
-                    .filter_map(|(sp, sk)| self.parts.get(*sp)?.subs.get(*sk))
-                    .filter(|s| !s.disabled)
-                    .map(|s| s.fwd.target as i8)
-                    .max()
-                    .unwrap_or(-1);
-                let send = if wanted > t.dyn_sent {
-                    true
-                } else if wanted < t.dyn_sent {
-                    let since = *t.dyn_lower_since.get_or_insert(now);
-                    now.duration_since(since) >= DYNACAST_DOWN_DELAY
-                } else {
-                    t.dyn_lower_since = None;
-                    false
-                };
-                if !send {
-                    continue;
-                }
-                t.dyn_sent = wanted;
-                t.dyn_lower_since = None;
-                // Layers are indexed by rid order; qualities LOW..HIGH map
-                // onto them the same way.
-                let qualities: Vec<lk::SubscribedQuality> = (0..3)
-                    .map(|q| lk::SubscribedQuality {
-                        quality: q,
-                        enabled: (q as i8) <= wanted,
-                    })
-                    .collect();
-                let codec = t.codec.as_ref().map(|c| c.name.clone()).unwrap_or_default();
-                updates.push((
-                    t.publisher,
-                    lk::SubscribedQualityUpdate {
-                        track_sid: t.sid.clone(),
-                        subscribed_qualities: qualities.clone(),
-                        subscribed_codecs: vec![lk::SubscribedCodec { codec, qualities }],
-                    },
-                ));
-            }
-        }
-        for (pk, u) in updates {
-            if let Some(p) = self.parts.get_mut(pk) {
-                tracing::debug!(track = %u.track_sid, "dynacast update");
-                p.send(Resp::SubscribedQualityUpdate(u));
-            }
-        }
-    }
-
-    // ------------------------------------------------------------- data
-
-    fn data_in(&mut self, key: usize, role: PcRole, d: str0m::channel::ChannelData) {
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-        let Some(label) = p
-            .peer_mut(role)
-            .and_then(|peer| peer.channels.iter().find(|(c, _)| *c == d.id))
-            .map(|(_, l)| l.clone())
-        else {
-            return;
-        };
-        let out = match data::prepare(p, &label, &d.data) {
-            Ok(Some(o)) => o,
-            Ok(None) => return,
-            Err(e) => {
-                MediaCounters::add(&self.counters.signal_errors, 1);
-                tracing::debug!(participant = %p.sid, error = %e, "data packet refused");
-                return;
-            }
-        };
-        let room = p.room;
-        for m in self.rooms[room].participants.clone() {
-            if m == key {
-                continue;
-            }
-            let Some(o) = self.parts.get_mut(m) else {
-                continue;
-            };
-            if !data::wanted_by(o, &out.destinations) {
-                continue;
-            }
-            // Downstream data goes on the connection that carries media to
-            // the receiver: its own channels (single PC) or ours (dual PC).
-            let peer = o.send_peer();
-            let Some(id) = peer
-                .channels
-                .iter()
-                .find(|(_, l)| l == out.label)
-                .map(|(c, _)| *c)
-            else {
-                continue;
-            };
-            if let Some(mut ch) = peer.rtc.channel(id) {
-                if let Err(e) = ch.write(true, &out.bytes) {
-                    tracing::debug!(error = %e, "data packet not delivered");
-                }
-            }
-            Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, m);
-        }
-    }
-
-    fn update_metadata(&mut self, key: usize, m: lk::UpdateParticipantMetadata) {
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-        let request_id = m.request_id;
-        if !p.permission.can_update_metadata {
-            MediaCounters::add(&self.counters.signal_errors, 1);
-            refuse_request(
-                p,
-                lk::request_response::Reason::NotAllowed,
-                "metadata updates are not granted (canUpdateOwnMetadata)".into(),
-                request_id,
-                lk::request_response::Request::UpdateMetadata(m),
-            );
-            return;
-        }
-        if !m.name.is_empty() {
-            p.name = m.name;
-        }
-        if !m.metadata.is_empty() {
-            p.metadata = m.metadata;
-        }
-        for (k, v) in m.attributes {
-            if v.is_empty() {
-                p.attributes.remove(&k);
-            } else {
-                p.attributes.insert(k, v);
-            }
-        }
-        self.broadcast_participant(key, true);
-        if let Some(p) = self.parts.get_mut(key) {
-            p.send(Resp::RequestResponse(lk::RequestResponse {
-                request_id,
-                reason: lk::request_response::Reason::Ok as i32,
-                ..Default::default()
-            }));
-        }
-    }
-
-    // ------------------------------------------------------ negotiation
-
-    fn offer(&mut self, key: usize, sd: lk::SessionDescription) {
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-        let offer = match SdpOffer::from_sdp_string(&sd.sdp) {
-            Ok(o) => o,
-            Err(e) => {
-                MediaCounters::add(&self.counters.sdp_errors, 1);
-                error_to(
-                    p,
-                    lk::request_response::Reason::InvalidRequest,
-                    format!("invalid SDP offer: {e}"),
-                );
-                return;
-            }
-        };
-        let answer = match p.peer.rtc.sdp_api().accept_offer(offer) {
-            Ok(a) => a,
-            Err(e) => {
-                MediaCounters::add(&self.counters.sdp_errors, 1);
-                error_to(
-                    p,
-                    lk::request_response::Reason::InvalidRequest,
-                    format!("SDP offer refused: {e}"),
-                );
-                if !p.peer.rtc.is_alive() {
-                    self.remove_participant(key, Some(lk::DisconnectReason::StateMismatch));
-                }
-                return;
-            }
-        };
-        let answer_text = answer.to_sdp_string();
-        // A remote ICE restart gives us new local credentials: STUN from new
-        // addresses is routed by the new ufrag.
-        let ufrag = p.peer.rtc.direct_api().local_ice_credentials().ufrag;
-        if ufrag != p.peer.ufrag {
-            self.by_ufrag.remove(&p.peer.ufrag);
-            self.by_ufrag.insert(ufrag.clone(), (key, PcRole::Main));
-            p.peer.ufrag = ufrag;
-        }
-        p.peer.remote = sdp::parse(&sd.sdp);
-        p.peer.local = sdp::parse(&answer_text);
-        p.reoffer_requested = false;
-        // Answer before announcing what the offer published: the publisher
-        // is then already sending when subscribers ask for keyframes.
-        if p.sub_peer.is_some() {
-            // Dual PC: this is the publisher connection; nothing to rewrite.
-            p.send(Resp::Answer(lk::SessionDescription {
-                r#type: "answer".into(),
-                sdp: answer_text,
-                id: sd.id,
-                mid_to_track_id: HashMap::new(),
-            }));
-            Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
-            self.reconcile_published(key);
-            return;
-        }
-        self.reconcile_published(key);
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-
-        // Our send slots are the client's receive m-lines.
-        let mut slots: Vec<SendSlot> = Vec::new();
-        for s in &p.peer.local.sections {
-            if s.kind == Kind::Application
-                || s.disabled
-                || !matches!(s.dir, Dir::SendOnly | Dir::SendRecv)
-            {
-                continue;
-            }
-            let prev = p.slots.iter().find(|x| x.mid == s.mid).map(|x| x.state);
-            slots.push(SendSlot {
-                mid: s.mid.clone(),
-                kind: s.kind,
-                state: prev.unwrap_or(SlotState::Free),
-            });
-        }
-        // Subscriptions whose slot vanished go back to waiting.
-        for (_, sub) in p.subs.iter_mut() {
-            if let Some(si) = sub.slot {
-                let mid = p.slots.get(si).map(|s| s.mid.clone());
-                sub.slot = mid.and_then(|m| slots.iter().position(|s| s.mid == m));
-                if sub.slot.is_none() {
-                    sub.live = false;
-                }
-            }
-        }
-        p.slots = slots;
-        // Assign waiting subscriptions to free slots of their kind.
-        let waiting: Vec<usize> = p
-            .subs
-            .iter()
-            .filter(|(_, s)| s.slot.is_none())
-            .map(|(k, _)| k)
-            .collect();
-        for sk in waiting {
-            let kind = p.subs[sk].kind;
-            if let Some(si) = p
-                .slots
-                .iter()
-                .position(|s| s.kind == kind && s.state == SlotState::Free)
-            {
-                p.slots[si].state = SlotState::Assigned(sk);
-                p.subs[sk].slot = Some(si);
-            }
-        }
-        let mut mid_to_track_id = HashMap::new();
-        let munged = {
-            let subs = &p.subs;
-            let slots = &p.slots;
-            let mut names: HashMap<String, (String, String)> = HashMap::new();
-            for s in slots {
-                if let SlotState::Assigned(sk) = s.state {
-                    if let Some(sub) = subs.get(sk) {
-                        names.insert(
-                            s.mid.clone(),
-                            (
-                                format!("{}|{}", sub.publisher_sid, sub.track_sid),
-                                sub.track_sid.clone(),
-                            ),
-                        );
-                        mid_to_track_id.insert(s.mid.clone(), sub.track_sid.clone());
-                    }
-                }
-            }
-            sdp::munge_answer(&answer_text, |mid| {
-                let slot = slots.iter().find(|s| s.mid == mid)?;
-                match slot.state {
-                    SlotState::Assigned(_) => names
-                        .get(mid)
-                        .map(|(stream, track)| SendSlotView::Track { stream, track }),
-                    _ => Some(SendSlotView::Inactive),
-                }
-            })
-        };
-        for s in p.slots.iter_mut() {
-            if s.state == SlotState::Releasing {
-                s.state = SlotState::Free;
-            }
-        }
-        let still_waiting = p.subs.iter().any(|(_, s)| s.slot.is_none());
-        tracing::trace!(participant = %p.sid, offer = %sd.sdp, answer = %munged, "negotiated");
-        p.send(Resp::Answer(lk::SessionDescription {
-            r#type: "answer".into(),
-            sdp: munged,
-            id: sd.id,
-            mid_to_track_id,
-        }));
-        self.activate_subs(key);
-        if still_waiting {
-            self.request_reoffer(key);
-        }
-        Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
-    }
-
-    /// Subscriptions whose m-line was just negotiated start flowing.
-    fn activate_subs(&mut self, key: usize) {
-        let Some(p) = self.parts.get(key) else {
-            return;
-        };
-        let room = p.room;
-        // Make assigned subscriptions live: first gather what they need
-        // from their publishers, then update them.
-        let pending: Vec<(usize, String, usize)> = p
-            .slots
-            .iter()
-            .filter_map(|s| match s.state {
-                SlotState::Assigned(sk) if p.subs.get(sk).is_some_and(|x| !x.live) => {
-                    Some((sk, s.mid.clone(), p.subs[sk].track))
-                }
-                _ => None,
-            })
-            .collect();
-        let mut ready = Vec::new();
-        for (sk, mid, tk) in pending {
-            let Some(t) = self.rooms[room].tracks.get(tk) else {
-                continue;
-            };
-            let Some(pubp) = self.parts.get(t.publisher) else {
-                continue;
-            };
-            let Some(me) = self.parts.get(key) else {
-                return;
-            };
-            // Publisher payload types -> ours, by codec.
-            let mut map = Vec::new();
-            if let Some(sec) = pubp.peer.local.section(&t.mid) {
-                for pt in &sec.pts {
-                    if let Some(c) = pubp.peer.local.codecs.get(pt) {
-                        if let Some(ours) = me.send_peer_ref().local.pt_for(c) {
-                            map.push((*pt, ours));
-                        }
-                    }
-                }
-            }
-            ready.push((sk, mid, tk, map, t.kind, t.clock_rate()));
-        }
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-        let mut kf = Vec::new();
-        for (sk, mid, tk, map, kind, clock) in ready {
-            let Some(sub) = p.subs.get_mut(sk) else {
-                continue;
-            };
-            sub.pt_map = map;
-            sub.mid = Some(Mid::from(mid.as_str()));
-            sub.live = true;
-            sub.fwd = Forwarder::new(kind == Kind::Video, clock, sub.fwd.target);
-            if kind == Kind::Video {
-                kf.push((tk, sub.fwd.target));
-            }
-        }
-        let now = Instant::now();
-        for (tk, l) in kf {
-            self.request_keyframe(room, tk, l, now);
-        }
-    }
-
-    /// Dual PC, after a resume: offer the subscriber connection again with
-    /// new ICE credentials. An offer still pending was lost with the old
-    /// socket; what it added is offered again.
-    fn restart_subscriber_ice(&mut self, key: usize) {
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-        let Participant {
-            sub_peer,
-            subs,
-            slots,
-            ..
-        } = p;
-        let Some(sp) = sub_peer.as_mut() else {
-            return;
-        };
-        if sp.pending.take().is_some() {
-            for (_, sub) in subs.iter_mut().filter(|(_, s)| !s.live) {
-                if let Some(slot) = sub.slot.take().and_then(|i| slots.get_mut(i)) {
-                    slot.state = SlotState::Dead;
-                }
-            }
-        }
-        sp.restart_ice = true;
-        sp.renegotiate = false;
-        self.negotiate_subscriber(key);
-    }
-
-    /// Dual PC: offer the subscriber connection with every subscription
-    /// that has no m-line yet and without those that ended. One offer at a
-    /// time; changes meanwhile are offered after the answer.
-    fn negotiate_subscriber(&mut self, key: usize) {
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-        let Participant {
-            sub_peer,
-            subs,
-            slots,
-            ..
-        } = p;
-        let Some(sp) = sub_peer.as_mut() else {
-            return;
-        };
-        if sp.pending.is_some() {
-            sp.renegotiate = true;
-            return;
-        }
-        let mut api = sp.peer.rtc.sdp_api();
-        if std::mem::take(&mut sp.restart_ice) {
-            api.ice_restart(true);
-        }
-        if !sp.channels_added {
-            // Downstream data goes on our own channels, as LiveKit's do.
-            api.add_channel_with_config(str0m::channel::ChannelConfig {
-                label: "_reliable".into(),
-                ..Default::default()
-            });
-            api.add_channel_with_config(str0m::channel::ChannelConfig {
-                label: "_lossy".into(),
-                ordered: false,
-                reliability: str0m::channel::Reliability::MaxRetransmits { retransmits: 0 },
-                ..Default::default()
-            });
-            sp.channels_added = true;
-        }
-        for slot in slots.iter_mut() {
-            if slot.state == SlotState::Releasing {
-                api.stop_media(Mid::from(slot.mid.as_str()));
-                slot.state = SlotState::Dead;
-            }
-        }
-        for (sk, sub) in subs.iter_mut() {
-            if sub.slot.is_some() {
-                continue;
-            }
-            let kind = match sub.kind {
-                Kind::Audio => str0m::media::MediaKind::Audio,
-                _ => str0m::media::MediaKind::Video,
-            };
-            let stream = format!("{}|{}", sub.publisher_sid, sub.track_sid);
-            let mid = api.add_media(
-                kind,
-                str0m::media::Direction::SendOnly,
-                Some(stream),
-                Some(sub.track_sid.clone()),
-                None,
-            );
-            slots.push(SendSlot {
-                mid: mid.to_string(),
-                kind: sub.kind,
-                state: SlotState::Assigned(sk),
-            });
-            sub.slot = Some(slots.len() - 1);
-        }
-        if !api.has_changes() {
-            return;
-        }
-        let Some((offer, pending)) = api.apply() else {
-            return;
-        };
-        let text = offer.to_sdp_string();
-        sp.peer.local = sdp::parse(&text);
-        sp.pending = Some(pending);
-        let ufrag = sp.peer.rtc.direct_api().local_ice_credentials().ufrag;
-        if ufrag != sp.peer.ufrag {
-            self.by_ufrag.remove(&sp.peer.ufrag);
-            self.by_ufrag
-                .insert(ufrag.clone(), (key, PcRole::Subscriber));
-            sp.peer.ufrag = ufrag;
-        }
-        sp.offer_id += 1;
-        let id = sp.offer_id;
-        p.send(Resp::Offer(lk::SessionDescription {
-            r#type: "offer".into(),
-            sdp: text,
-            id,
-            mid_to_track_id: HashMap::new(),
-        }));
-        Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
-    }
-
-    /// Dual PC: the client's answer to our subscriber offer.
-    fn subscriber_answer(&mut self, key: usize, sd: lk::SessionDescription) {
-        let Some(p) = self.parts.get_mut(key) else {
-            return;
-        };
-        // Single-PC clients never answer; nothing may be pending.
-        let Some(pending) = p.sub_peer.as_mut().and_then(|s| s.pending.take()) else {
-            return;
-        };
-        let result = str0m::change::SdpAnswer::from_sdp_string(&sd.sdp)
-            .map_err(|e| format!("invalid SDP answer: {e}"))
-            .and_then(|answer| {
-                let sp = p.sub_peer.as_mut().expect("checked above");
-                sp.peer
-                    .rtc
-                    .sdp_api()
-                    .accept_answer(pending, answer)
-                    .map_err(|e| format!("SDP answer refused: {e}"))
-            });
-        if let Err(why) = result {
-            MediaCounters::add(&self.counters.sdp_errors, 1);
-            error_to(p, lk::request_response::Reason::InvalidRequest, why);
-            // str0m dropped the offer: the connection cannot go on.
-            self.remove_participant(key, Some(lk::DisconnectReason::StateMismatch));
-            return;
-        }
-        let Some(sp) = p.sub_peer.as_mut() else {
-            return;
-        };
-        sp.peer.remote = sdp::parse(&sd.sdp);
-        let again = std::mem::take(&mut sp.renegotiate);
-        self.activate_subs(key);
-        if again {
-            self.negotiate_subscriber(key);
-        }
-        Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, key);
-    }
-
     // ------------------------------------------------ participant state
 
-    fn broadcast_participant(&mut self, key: usize, bump: bool) {
+    pub(super) fn broadcast_participant(&mut self, key: usize, bump: bool) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -2163,7 +1587,7 @@ impl Core {
         }
     }
 
-    fn remove_participant(&mut self, key: usize, reason: Option<lk::DisconnectReason>) {
+    pub(super) fn remove_participant(&mut self, key: usize, reason: Option<lk::DisconnectReason>) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -2235,7 +1659,7 @@ impl Core {
         );
     }
 
-    fn reap_broken(&mut self) {
+    pub(super) fn reap_broken(&mut self) {
         let window = self.cfg.resume_window;
         let broken: Vec<usize> = self
             .parts
@@ -2250,7 +1674,7 @@ impl Core {
         }
     }
 
-    fn housekeeping(&mut self, now: Instant) {
+    pub(super) fn housekeeping(&mut self, now: Instant) {
         self.reap_broken();
         // Active speakers per room, as deltas.
         let room_keys: Vec<usize> = self.rooms.iter().map(|(k, _)| k).collect();
@@ -2349,7 +1773,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stun_username_is_found_and_garbage_is_not() {
+    pub(super) fn stun_username_is_found_and_garbage_is_not() {
         let mut m = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
         m.extend_from_slice(&[7u8; 12]);
         m.extend_from_slice(&[0x00, 0x06, 0x00, 0x07]);

@@ -2,11 +2,15 @@
 //! here runs on the engine thread except [`handle`], the thread-safe door.
 
 pub mod data;
+mod dynacast;
 pub mod engine;
 pub mod forward;
 pub mod handle;
 pub mod keyframe;
+mod negotiate;
 pub mod participant;
+mod quality;
+mod relay_data;
 pub mod room;
 pub mod sdp;
 pub mod speakers;

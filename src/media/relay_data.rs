@@ -1,0 +1,104 @@
+//! Data packets and metadata updates, as the engine handles them: the pure
+//! checks and stamping live in [`super::data`].
+
+use livekit_protocol as lk;
+use lk::signal_response::Message as Resp;
+
+use super::data;
+use super::engine::{refuse_request, Core};
+use super::participant::PcRole;
+use crate::metrics::MediaCounters;
+
+impl Core {
+    // ------------------------------------------------------------- data
+
+    pub(super) fn data_in(&mut self, key: usize, role: PcRole, d: str0m::channel::ChannelData) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let Some(label) = p
+            .peer_mut(role)
+            .and_then(|peer| peer.channels.iter().find(|(c, _)| *c == d.id))
+            .map(|(_, l)| l.clone())
+        else {
+            return;
+        };
+        let out = match data::prepare(p, &label, &d.data) {
+            Ok(Some(o)) => o,
+            Ok(None) => return,
+            Err(e) => {
+                MediaCounters::add(&self.counters.signal_errors, 1);
+                tracing::debug!(participant = %p.sid, error = %e, "data packet refused");
+                return;
+            }
+        };
+        let room = p.room;
+        for m in self.rooms[room].participants.clone() {
+            if m == key {
+                continue;
+            }
+            let Some(o) = self.parts.get_mut(m) else {
+                continue;
+            };
+            if !data::wanted_by(o, &out.destinations) {
+                continue;
+            }
+            // Downstream data goes on the connection that carries media to
+            // the receiver: its own channels (single PC) or ours (dual PC).
+            let peer = o.send_peer();
+            let Some(id) = peer
+                .channels
+                .iter()
+                .find(|(_, l)| l == out.label)
+                .map(|(c, _)| *c)
+            else {
+                continue;
+            };
+            if let Some(mut ch) = peer.rtc.channel(id) {
+                if let Err(e) = ch.write(true, &out.bytes) {
+                    tracing::debug!(error = %e, "data packet not delivered");
+                }
+            }
+            Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, m);
+        }
+    }
+
+    pub(super) fn update_metadata(&mut self, key: usize, m: lk::UpdateParticipantMetadata) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        let request_id = m.request_id;
+        if !p.permission.can_update_metadata {
+            MediaCounters::add(&self.counters.signal_errors, 1);
+            refuse_request(
+                p,
+                lk::request_response::Reason::NotAllowed,
+                "metadata updates are not granted (canUpdateOwnMetadata)".into(),
+                request_id,
+                lk::request_response::Request::UpdateMetadata(m),
+            );
+            return;
+        }
+        if !m.name.is_empty() {
+            p.name = m.name;
+        }
+        if !m.metadata.is_empty() {
+            p.metadata = m.metadata;
+        }
+        for (k, v) in m.attributes {
+            if v.is_empty() {
+                p.attributes.remove(&k);
+            } else {
+                p.attributes.insert(k, v);
+            }
+        }
+        self.broadcast_participant(key, true);
+        if let Some(p) = self.parts.get_mut(key) {
+            p.send(Resp::RequestResponse(lk::RequestResponse {
+                request_id,
+                reason: lk::request_response::Reason::Ok as i32,
+                ..Default::default()
+            }));
+        }
+    }
+}
