@@ -299,6 +299,15 @@ fn openid_of<'a>(
     }
 }
 
+fn rate_limited(svc: &TokenService) -> Refuse {
+    bump(&svc.counters.rate_limited);
+    Refuse(
+        StatusCode::TOO_MANY_REQUESTS,
+        "M_LIMIT_EXCEEDED",
+        "Too many requests".into(),
+    )
+}
+
 fn unauthorized() -> Refuse {
     Refuse(
         StatusCode::UNAUTHORIZED,
@@ -320,12 +329,7 @@ fn limit_address(svc: &TokenService, peer: SocketAddr) -> Result<(), Refuse> {
     if svc.per_address.allow(&peer.ip().to_string()) {
         Ok(())
     } else {
-        bump(&svc.counters.rate_limited);
-        Err(Refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "M_LIMIT_EXCEEDED",
-            "Too many requests".into(),
-        ))
+        Err(rate_limited(svc))
     }
 }
 
@@ -364,12 +368,7 @@ async fn verify(svc: &TokenService, t: &OpenIdToken) -> Result<String, Refuse> {
         return Err(unauthorized());
     }
     if !svc.per_user.allow(&sub) {
-        bump(&svc.counters.rate_limited);
-        return Err(Refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "M_LIMIT_EXCEEDED",
-            "Too many requests".into(),
-        ));
+        return Err(rate_limited(svc));
     }
     Ok(sub)
 }

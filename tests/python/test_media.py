@@ -27,14 +27,6 @@ EVENT_TIMEOUT_S = 10.0
 HOST = os.environ.get("MOSELLE_TEST_IP", "127.0.0.1")
 
 
-def metric(server, name: str) -> float:
-    text = urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(f"moselle_{name} "):
-            return float(line.split()[1])
-    raise AssertionError(f"metric moselle_{name} not exported")
-
-
 async def frames_after(st, seconds: float) -> int:
     start = st.frames
     await asyncio.sleep(seconds)
@@ -414,7 +406,7 @@ def test_garbage_on_media_port_harms_nobody(server):
             await b.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, "A's video")
             await _wait_video(b, vpub.sid, "A")
             st = b.probe.video[vpub.sid]
-            dropped_before = metric(server, "udp_unroutable_total") + metric(server, "udp_rejected_total")
+            dropped_before = server.metric("udp_unroutable_total") + server.metric("udp_rejected_total")
 
             rng = random.Random(7)
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -428,7 +420,7 @@ def test_garbage_on_media_port_harms_nobody(server):
             sock.close()
             n = await frames_after(st, 2.0)
             during = st.frames - frames_start
-            dropped = metric(server, "udp_unroutable_total") + metric(server, "udp_rejected_total") - dropped_before
+            dropped = server.metric("udp_unroutable_total") + server.metric("udp_rejected_total") - dropped_before
             print(f"sent {sent} garbage datagrams; server counted {dropped:.0f} dropped; B decoded {during} frames")
             assert dropped >= 0.9 * sent, f"server counted {dropped:.0f} of {sent} garbage datagrams as dropped"
             assert n >= 20, f"B's video stalled after the garbage: {n} frames in 2 s ({st.describe()})"
