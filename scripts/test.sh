@@ -15,6 +15,9 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v nft >/dev/null || need_apt+=(nftables)
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# The load generator encodes real Opus with the system libopus.
+[[ -f /usr/include/opus/opus.h ]] || need_apt+=(libopus-dev)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 if ((${#need_apt[@]})); then
     step "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

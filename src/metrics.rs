@@ -121,7 +121,31 @@ pub fn render(media: &MediaCounters, signal: &moselle_signaling::SignalCounters)
         );
     }
     render_counters(&mut s, signal.snapshot());
+    render_process(&mut s);
     s
+}
+
+/// The standard Prometheus process metrics, so a load generator (or an
+/// operator) reads the server's CPU time and memory without /proc access.
+fn render_process(s: &mut String) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields counted from the state (field 3 of the man page) at index 0.
+    let cpu = (num(11) + num(12)) / ticks;
+    let rss = num(21) * page;
+    let _ = writeln!(
+        s,
+        "# HELP process_cpu_seconds_total User and system CPU time spent, seconds\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n# HELP process_resident_memory_bytes Resident memory size, bytes\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+    );
 }
 
 /// Append counters given as (name, help, value).

@@ -1,0 +1,719 @@
+//! One simulated participant: signaling, a publisher and a subscriber peer
+//! connection on webrtc-rs (LiveKit's two-connection flavour), the media it
+//! sends and the counting of what it receives.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
+use lk::signal_response::Message as Resp;
+use moselle::signaling::token::{join_claims, KeySet};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters,
+    RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    register_default_interceptors, MediaEngine, PeerConnection, PeerConnectionBuilder,
+    PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceGatheringState,
+    RTCPeerConnectionState, RTCSessionDescription, Registry, SettingEngineBuilder,
+};
+
+use crate::media::{self, OpusLoop, Vp8Layer, LAYERS_720P};
+use crate::stats::{now_us, Stats};
+
+const SDES_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+const SDES_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+const OPUS_PT: u8 = 111;
+const VP8_PT: u8 = 96;
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Shared by every participant of a run.
+pub struct Ctx {
+    /// ws:// base URL of the server.
+    pub url: String,
+    pub keys: KeySet,
+    pub key: String,
+    /// Local address the peer connections bind (one host candidate each).
+    pub bind_ip: IpAddr,
+    pub stats: Arc<Stats>,
+    /// When the first publisher started sending (µs, 0 = not yet): join time
+    /// counts from here for those who joined before there was media.
+    pub media_since: AtomicU64,
+}
+
+/// What one participant does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub room: String,
+    pub identity: String,
+    pub audio: bool,
+    pub video: bool,
+    pub subscribe: bool,
+    /// The size this participant renders each remote video at (its tile in
+    /// a grid, or the full stage); the SFU picks the layer from it, as it
+    /// does for livekit-client's adaptive stream.
+    pub view: (u32, u32),
+}
+
+/// Per-received-stream state for loss counting, kept in the reader task.
+struct SeqTrack {
+    highest: Option<u64>,
+}
+
+impl SeqTrack {
+    /// Extended sequence number tracking: returns how many packets this one
+    /// advances the expected count by.
+    fn advance(&mut self, seq: u16) -> u64 {
+        match self.highest {
+            None => {
+                self.highest = Some(seq as u64);
+                1
+            }
+            Some(h) => {
+                let cand = (h & !0xffff) | seq as u64;
+                let ext = if cand + 0x8000 < h {
+                    cand + 0x1_0000
+                } else if cand > h + 0x8000 && cand >= 0x1_0000 {
+                    cand - 0x1_0000
+                } else {
+                    cand
+                };
+                if ext > h {
+                    self.highest = Some(ext);
+                    ext - h
+                } else {
+                    0
+                }
+            }
+        }
+    }
+}
+
+struct Handler {
+    gathered: Arc<Notify>,
+    state: watch::Sender<RTCPeerConnectionState>,
+    ctx: Arc<Ctx>,
+    joined_at: u64,
+    first_media: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            self.gathered.notify_one();
+        }
+    }
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.state.send(state);
+    }
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let ctx = self.ctx.clone();
+        let joined_at = self.joined_at;
+        let first_media = self.first_media.clone();
+        tokio::spawn(read_track(ctx, track, joined_at, first_media));
+    }
+}
+
+/// Count what arrives on one remote track. Kept cheap: webrtc-rs drops
+/// packets when this loop falls behind, and we would report our own loss.
+async fn read_track(
+    ctx: Arc<Ctx>,
+    track: Arc<dyn TrackRemote>,
+    joined_at: u64,
+    first_media: Arc<AtomicU64>,
+) {
+    let video = track.kind().await == RtpCodecKind::Video;
+    let s = &ctx.stats;
+    Stats::add(&s.recv_tracks, 1);
+    let mut seqs: HashMap<u32, SeqTrack> = HashMap::new();
+    while let Some(ev) = track.poll().await {
+        let TrackRemoteEvent::OnRtpPacket(p) = ev else {
+            continue;
+        };
+        let now = now_us();
+        if first_media
+            .compare_exchange(0, now, Relaxed, Relaxed)
+            .is_ok()
+        {
+            // Token to first media, for those who joined a room where
+            // media already flowed; earlier joiners waited for publishers.
+            let since = ctx.media_since.load(Relaxed);
+            if since != 0 && since <= joined_at {
+                s.join_us.record(now.saturating_sub(joined_at));
+            }
+        }
+        let st = seqs
+            .entry(p.header.ssrc)
+            .or_insert(SeqTrack { highest: None });
+        Stats::add(&s.recv_expected, st.advance(p.header.sequence_number));
+        Stats::add(&s.recv_packets, 1);
+        Stats::add(&s.recv_bytes, p.payload.len() as u64);
+        if video {
+            Stats::add(&s.recv_video_packets, 1);
+            if media::vp8_is_keyframe_start(&p.payload) {
+                Stats::add(&s.recv_keyframes, 1);
+            }
+        }
+        if let Some(sent) = media::read_trailer(&p.payload) {
+            s.delay_us.record(now.saturating_sub(sent));
+        }
+    }
+}
+
+fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+fn vp8_codec() -> RTCRtpCodec {
+    let fb = |typ: &str, parameter: &str| RTCPFeedback {
+        typ: typ.to_owned(),
+        parameter: parameter.to_owned(),
+    };
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![fb("nack", ""), fb("nack", "pli"), fb("ccm", "fir")],
+    }
+}
+
+struct Pc {
+    pc: Arc<dyn PeerConnection>,
+    gathered: Arc<Notify>,
+    state: watch::Receiver<RTCPeerConnectionState>,
+}
+
+async fn new_pc(ctx: &Arc<Ctx>, joined_at: u64, first_media: Arc<AtomicU64>) -> anyhow::Result<Pc> {
+    let mut me = MediaEngine::default();
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: opus_codec(),
+            payload_type: OPUS_PT,
+        },
+        RtpCodecKind::Audio,
+    )?;
+    // No RTX: LiveKit's SDKs publish VP8 simulcast without it too, and
+    // webrtc-rs would not signal its repair SSRCs.
+    me.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: vp8_codec(),
+            payload_type: VP8_PT,
+        },
+        RtpCodecKind::Video,
+    )?;
+    let registry = register_default_interceptors(Registry::new(), &mut me)?;
+    let se = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .build();
+    let gathered = Arc::new(Notify::new());
+    let (state_tx, state) = watch::channel(RTCPeerConnectionState::New);
+    let handler = Arc::new(Handler {
+        gathered: gathered.clone(),
+        state: state_tx,
+        ctx: ctx.clone(),
+        joined_at,
+        first_media,
+    });
+    let pc = PeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_media_engine(me)
+        .with_setting_engine(se)
+        .with_interceptor_registry(registry)
+        .with_handler(handler)
+        .with_udp_addrs(vec![format!("{}:0", ctx.bind_ip)])
+        .build()
+        .await?;
+    Ok(Pc {
+        pc: Arc::new(pc),
+        gathered,
+        state,
+    })
+}
+
+impl Pc {
+    /// Set the local description and return it with every candidate in it
+    /// (one host socket: gathering is immediate).
+    async fn local_with_candidates(&self, desc: RTCSessionDescription) -> anyhow::Result<String> {
+        let gathered = self.gathered.notified();
+        self.pc.set_local_description(desc).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(2), gathered).await;
+        let d = self
+            .pc
+            .local_description()
+            .await
+            .ok_or_else(|| anyhow!("no local description"))?;
+        Ok(d.sdp)
+    }
+
+    async fn wait_connected(&mut self) -> anyhow::Result<()> {
+        let r = tokio::time::timeout(
+            SETUP_TIMEOUT,
+            self.state.wait_for(|s| {
+                matches!(
+                    s,
+                    RTCPeerConnectionState::Connected
+                        | RTCPeerConnectionState::Failed
+                        | RTCPeerConnectionState::Closed
+                )
+            }),
+        )
+        .await
+        .context("peer connection did not connect in time")?;
+        let s = *r.map_err(|_| anyhow!("peer connection handler gone"))?;
+        if s != RTCPeerConnectionState::Connected {
+            bail!("peer connection {s}");
+        }
+        Ok(())
+    }
+}
+
+fn sdp_msg(kind: &str, sdp: String) -> lk::SessionDescription {
+    lk::SessionDescription {
+        r#type: kind.into(),
+        sdp,
+        ..Default::default()
+    }
+}
+
+/// A published track ready to send: the ids the answer negotiated.
+struct Outgoing {
+    track: Arc<TrackLocalStaticRTP>,
+    mid: Bytes,
+    mid_ext: Option<u8>,
+    rid_ext: Option<u8>,
+    pt: u8,
+}
+
+async fn outgoing(
+    tr: &Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>,
+    track: Arc<TrackLocalStaticRTP>,
+) -> anyhow::Result<Outgoing> {
+    let mid = tr.mid().await?.unwrap_or_default();
+    let sender = tr
+        .sender()
+        .await?
+        .ok_or_else(|| anyhow!("transceiver without sender"))?;
+    let params = sender.get_parameters().await?.rtp_parameters;
+    let ext = |uri: &str| {
+        params
+            .header_extensions
+            .iter()
+            .find(|e| e.uri == uri)
+            .map(|e| e.id as u8)
+    };
+    let pt = params
+        .codecs
+        .first()
+        .map(|c| c.payload_type)
+        .ok_or_else(|| anyhow!("no codec negotiated for mid {mid}"))?;
+    Ok(Outgoing {
+        track,
+        mid: Bytes::from(mid.clone()),
+        mid_ext: ext(SDES_MID),
+        rid_ext: ext(SDES_RID),
+        pt,
+    })
+}
+
+/// A send-only transceiver of its own (add_track would reuse a receiving one).
+async fn add_sender(
+    pc: &Arc<dyn PeerConnection>,
+    track: &Arc<TrackLocalStaticRTP>,
+) -> anyhow::Result<Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>> {
+    Ok(pc
+        .add_transceiver_from_track(
+            track.clone() as Arc<dyn TrackLocal>,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Sendonly,
+                streams: vec![],
+                send_encodings: vec![],
+            }),
+        )
+        .await?)
+}
+
+fn encoding(codec: &RTCRtpCodec, rid: &str, ssrc: u32) -> RTCRtpEncodingParameters {
+    RTCRtpEncodingParameters {
+        rtp_coding_parameters: RTCRtpCodingParameters {
+            rid: rid.into(),
+            ssrc: Some(ssrc),
+            ..Default::default()
+        },
+        codec: codec.clone(),
+        ..Default::default()
+    }
+}
+
+/// Run one participant until `stop` turns true. Returns after leaving.
+pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let joined_at = now_us();
+    let claims = join_claims(&plan.room, &plan.identity, Duration::from_secs(3600));
+    let mut claims = claims;
+    if let Some(v) = claims.video.as_mut() {
+        v.can_publish = Some(plan.audio || plan.video);
+        v.can_subscribe = Some(plan.subscribe);
+    }
+    let token = ctx.keys.mint(&ctx.key, &claims)?;
+    let (join, mut sig) = crate::signal::connect(&ctx.url, &token).await?;
+    let first_media = Arc::new(AtomicU64::new(0));
+    let mut publisher = new_pc(&ctx, joined_at, first_media.clone()).await?;
+    let subscriber = new_pc(&ctx, joined_at, first_media.clone()).await?;
+
+    // Signaling is handled by one loop; the publish steps below wait on it
+    // through these.
+    let (published_tx, mut published_rx) = mpsc::unbounded_channel::<lk::TrackPublishedResponse>();
+    let (answer_tx, answer_rx) = oneshot::channel::<String>();
+    let sub_pc = subscriber.pc.clone();
+    let req_tx = sig.tx.clone();
+    let view = plan.view;
+    let mut seen_tracks: HashSet<String> = HashSet::new();
+    let mut settings_for = move |parts: &[lk::ParticipantInfo], tx: &mpsc::UnboundedSender<Req>| {
+        for p in parts {
+            for t in &p.tracks {
+                if t.r#type == lk::TrackType::Video as i32 && seen_tracks.insert(t.sid.clone()) {
+                    let _ = tx.send(Req::TrackSetting(lk::UpdateTrackSettings {
+                        track_sids: vec![t.sid.clone()],
+                        width: view.0,
+                        height: view.1,
+                        ..Default::default()
+                    }));
+                }
+            }
+        }
+    };
+    settings_for(&join.other_participants, &req_tx);
+    let signal_loop = tokio::spawn(async move {
+        let mut answer_tx = Some(answer_tx);
+        while let Some(m) = sig.rx.recv().await {
+            match m {
+                Resp::Offer(o) => {
+                    let r = async {
+                        sub_pc
+                            .set_remote_description(RTCSessionDescription::offer(o.sdp)?)
+                            .await?;
+                        let a = sub_pc.create_answer(None).await?;
+                        let sdp = subscriber.local_with_candidates(a).await?;
+                        let _ = req_tx.send(Req::Answer(sdp_msg("answer", sdp)));
+                        anyhow::Ok(())
+                    }
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "subscriber offer failed");
+                    }
+                }
+                Resp::Answer(a) => {
+                    if let Some(tx) = answer_tx.take() {
+                        let _ = tx.send(a.sdp);
+                    }
+                }
+                Resp::TrackPublished(p) => {
+                    let _ = published_tx.send(p);
+                }
+                Resp::Update(u) => settings_for(&u.participants, &req_tx),
+                Resp::Leave(_) => break,
+                _ => {}
+            }
+        }
+    });
+
+    let r = async {
+        let mut sends = Vec::new();
+        if plan.audio || plan.video {
+            sends = publish(
+                &ctx,
+                &plan,
+                &mut publisher,
+                &sig.tx,
+                &mut published_rx,
+                answer_rx,
+            )
+            .await?;
+        }
+        Stats::add(&ctx.stats.joined, 1);
+        let _ = ctx
+            .media_since
+            .compare_exchange(0, now_us(), Relaxed, Relaxed);
+        send_media(&ctx, sends, &mut stop).await;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = sig.tx.send(Req::Leave(lk::LeaveRequest::default()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    signal_loop.abort();
+    let _ = publisher.pc.close().await;
+    let _ = join;
+    r
+}
+
+async fn publish(
+    ctx: &Arc<Ctx>,
+    plan: &Plan,
+    publisher: &mut Pc,
+    tx: &mpsc::UnboundedSender<Req>,
+    published_rx: &mut mpsc::UnboundedReceiver<lk::TrackPublishedResponse>,
+    answer_rx: oneshot::Receiver<String>,
+) -> anyhow::Result<Vec<(Outgoing, Source)>> {
+    let pc = &publisher.pc;
+    let stream = format!("{}-stream", plan.identity);
+    let mut pending = Vec::new();
+    let base_ssrc: u32 = rand::random::<u32>() & 0xffff_ff00;
+    if plan.audio {
+        let cid = format!("{}-mic", plan.identity);
+        let _ = tx.send(Req::AddTrack(lk::AddTrackRequest {
+            cid: cid.clone(),
+            name: "microphone".into(),
+            r#type: lk::TrackType::Audio as i32,
+            source: lk::TrackSource::Microphone as i32,
+            ..Default::default()
+        }));
+        let codec = opus_codec();
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            stream.clone(),
+            cid.clone(),
+            "microphone".into(),
+            RtpCodecKind::Audio,
+            vec![encoding(&codec, "", base_ssrc)],
+        )));
+        let tr = add_sender(pc, &track).await?;
+        let src = Source::Audio {
+            opus: OpusLoop::new(base_ssrc as u64)?,
+            ssrc: base_ssrc,
+        };
+        pending.push((tr, track, src));
+    }
+    if plan.video {
+        let cid = format!("{}-camera", plan.identity);
+        let top = LAYERS_720P[2];
+        let _ = tx.send(Req::AddTrack(lk::AddTrackRequest {
+            cid: cid.clone(),
+            name: "camera".into(),
+            r#type: lk::TrackType::Video as i32,
+            source: lk::TrackSource::Camera as i32,
+            width: top.width,
+            height: top.height,
+            layers: LAYERS_720P
+                .iter()
+                .map(|l| lk::VideoLayer {
+                    quality: l.quality,
+                    width: l.width,
+                    height: l.height,
+                    bitrate: l.bitrate_bps,
+                    rid: l.rid.into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }));
+        let codec = vp8_codec();
+        let encodings = LAYERS_720P
+            .iter()
+            .enumerate()
+            .map(|(i, l)| encoding(&codec, l.rid, base_ssrc + 1 + i as u32))
+            .collect();
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            stream.clone(),
+            cid.clone(),
+            "camera".into(),
+            RtpCodecKind::Video,
+            encodings,
+        )));
+        let tr = add_sender(pc, &track).await?;
+        let layers = LAYERS_720P
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                (
+                    Vp8Layer::new(*l, base_ssrc as u64 + i as u64),
+                    base_ssrc + 1 + i as u32,
+                )
+            })
+            .collect();
+        pending.push((tr, track, Source::Video { layers }));
+    }
+    // The SDKs wait for every TrackPublished before offering.
+    let want = pending.len();
+    for _ in 0..want {
+        tokio::time::timeout(SETUP_TIMEOUT, published_rx.recv())
+            .await
+            .context("no TrackPublishedResponse")?
+            .ok_or_else(|| anyhow!("signaling closed"))?;
+    }
+    let offer = pc.create_offer(None).await?;
+    let sdp = publisher.local_with_candidates(offer).await?;
+    let _ = tx.send(Req::Offer(sdp_msg("offer", sdp)));
+    let answer = tokio::time::timeout(SETUP_TIMEOUT, answer_rx)
+        .await
+        .context("no answer to the publisher offer")?
+        .map_err(|_| anyhow!("signaling closed"))?;
+    pc.set_remote_description(RTCSessionDescription::answer(answer)?)
+        .await?;
+    publisher.wait_connected().await?;
+    let mut out = Vec::new();
+    for (tr, track, src) in pending {
+        out.push((outgoing(&tr, track).await?, src));
+    }
+    let _ = ctx;
+    Ok(out)
+}
+
+/// What a sender produces.
+pub enum Source {
+    Audio { opus: OpusLoop, ssrc: u32 },
+    Video { layers: Vec<(Vp8Layer, u32)> },
+}
+
+struct StreamState {
+    seq: u16,
+    next_due: u64,
+    interval: u64,
+}
+
+/// Send every source at its own rate until `stop`. One task per
+/// participant, waking at the earliest due frame.
+async fn send_media(
+    ctx: &Arc<Ctx>,
+    sends: Vec<(Outgoing, Source)>,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let s = &ctx.stats;
+    let start = now_us();
+    // (index into sends, layer index) -> state
+    let mut streams: Vec<(usize, usize, StreamState)> = Vec::new();
+    for (i, (_, src)) in sends.iter().enumerate() {
+        match src {
+            Source::Audio { .. } => streams.push((
+                i,
+                0,
+                StreamState {
+                    seq: rand::random(),
+                    next_due: start,
+                    interval: media::OPUS_FRAME_US,
+                },
+            )),
+            Source::Video { layers } => {
+                for (l, (layer, _)) in layers.iter().enumerate() {
+                    streams.push((
+                        i,
+                        l,
+                        StreamState {
+                            seq: rand::random(),
+                            next_due: start,
+                            interval: layer.frame_interval_us(),
+                        },
+                    ))
+                }
+            }
+        }
+    }
+    let mut sends = sends;
+    let mut frame: Vec<Bytes> = Vec::with_capacity(64);
+    if streams.is_empty() {
+        let _ = stop.wait_for(|v| *v).await;
+        return;
+    }
+    loop {
+        let due = streams.iter().map(|s| s.2.next_due).min().unwrap_or(start);
+        let now = now_us();
+        if due > now {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_micros(due - now)) => {},
+                _ = stop.changed() => {},
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let now = now_us();
+        for (i, l, st) in streams.iter_mut() {
+            if st.next_due > now {
+                continue;
+            }
+            if now - st.next_due > st.interval {
+                Stats::add(&s.send_late, 1);
+            }
+            st.next_due += st.interval;
+            if st.next_due < now {
+                // Far behind: skip ahead rather than burst.
+                st.next_due = now + st.interval;
+            }
+            let (out, src) = &mut sends[*i];
+            let (ssrc, rid, ts_clock) = match src {
+                Source::Audio { opus, ssrc } => {
+                    frame.clear();
+                    frame.push(opus.next_frame());
+                    (*ssrc, None, 48_000u64)
+                }
+                Source::Video { layers } => {
+                    let (layer, ssrc) = &mut layers[*l];
+                    layer.next_frame(&mut frame);
+                    (*ssrc, Some(layer.spec.rid), 90_000u64)
+                }
+            };
+            let ts = (now * ts_clock / 1_000_000) as u32;
+            let n = frame.len();
+            for (k, payload) in frame.drain(..).enumerate() {
+                let mut header = rtc::rtp::header::Header {
+                    version: 2,
+                    marker: k + 1 == n,
+                    payload_type: out.pt,
+                    sequence_number: st.seq,
+                    timestamp: ts,
+                    ssrc,
+                    ..Default::default()
+                };
+                st.seq = st.seq.wrapping_add(1);
+                if let (Some(id), Some(rid)) = (out.rid_ext, rid) {
+                    let _ = header.set_extension(id, Bytes::from_static(rid.as_bytes()));
+                    if let Some(mid) = out.mid_ext {
+                        let _ = header.set_extension(mid, out.mid.clone());
+                    }
+                }
+                let len = payload.len() as u64;
+                let pkt = rtc::rtp::Packet { header, payload };
+                match out.track.write_rtp(pkt).await {
+                    Ok(()) => {
+                        Stats::add(&s.sent_packets, 1);
+                        Stats::add(&s.sent_bytes, len);
+                    }
+                    Err(_) => Stats::add(&s.send_errors, 1),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_tracking_counts_gaps_and_wraps() {
+        let mut t = SeqTrack { highest: None };
+        assert_eq!(t.advance(65534), 1);
+        assert_eq!(t.advance(65535), 1);
+        assert_eq!(t.advance(2), 3); // wrapped, 0 and 1 missing
+        assert_eq!(t.advance(1), 0); // late
+        assert_eq!(t.advance(3), 1);
+    }
+}

@@ -1,0 +1,85 @@
+//! The LiveKit signaling client: a WebSocket to `/rtc` carrying
+//! `SignalRequest` / `SignalResponse` protobufs, with the keep-alive pings a
+//! real SDK sends.
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use livekit_protocol as lk;
+use lk::signal_request::Message as Req;
+use lk::signal_response::Message as Resp;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+/// LiveKit protocol level we speak (the two-peer-connection flavour).
+const PROTOCOL: u32 = 16;
+
+pub struct Signal {
+    pub tx: mpsc::UnboundedSender<Req>,
+    pub rx: mpsc::UnboundedReceiver<Resp>,
+}
+
+/// Connect, read the JoinResponse and keep the socket pumping in two tasks
+/// (reader, writer with pings) until either side drops.
+pub async fn connect(base: &str, token: &str) -> anyhow::Result<(lk::JoinResponse, Signal)> {
+    let url = format!(
+        "{}/rtc?access_token={token}&protocol={PROTOCOL}&auto_subscribe=1&adaptive_stream=0&sdk=rust&version=moselle-loadtest",
+        base.trim_end_matches('/')
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .with_context(|| format!("WebSocket connect to {base}/rtc"))?;
+    let (mut sink, mut stream) = ws.split();
+    let join = loop {
+        let msg = stream
+            .next()
+            .await
+            .ok_or_else(|| anyhow!("signaling closed before the JoinResponse"))??;
+        match msg {
+            Ws::Binary(b) => match lk::SignalResponse::decode(b.as_ref())?.message {
+                Some(Resp::Join(j)) => break j,
+                Some(Resp::Leave(l)) => bail!("server refused the join: {:?}", l.reason()),
+                _ => continue,
+            },
+            Ws::Close(c) => bail!("signaling closed before the JoinResponse: {c:?}"),
+            _ => continue,
+        }
+    };
+    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<Req>();
+    let (resp_tx, resp_rx) = mpsc::unbounded_channel::<Resp>();
+    let ping_every = std::time::Duration::from_secs(join.ping_interval.clamp(1, 30) as u64);
+    tokio::spawn(async move {
+        let mut ping = tokio::time::interval(ping_every);
+        loop {
+            let req = tokio::select! {
+                r = req_rx.recv() => match r { Some(r) => r, None => break },
+                _ = ping.tick() => Req::Ping(crate::stats::now_us() as i64),
+            };
+            let bytes = lk::SignalRequest { message: Some(req) }.encode_to_vec();
+            if sink.send(Ws::Binary(bytes.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Ws::Binary(b) = msg {
+                if let Ok(lk::SignalResponse { message: Some(m) }) =
+                    lk::SignalResponse::decode(b.as_ref())
+                {
+                    if resp_tx.send(m).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Ok((
+        join,
+        Signal {
+            tx: req_tx,
+            rx: resp_rx,
+        },
+    ))
+}

@@ -1,0 +1,91 @@
+//! A smoke run of every scenario and of the ramp against a real Moselle
+//! node: seconds and small sizes. It checks that media flows end to end
+//! (packets forwarded and received, keyframes seen, no loss to speak of)
+//! and that the report is complete; it is not a benchmark.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("MOSELLE_BIN") {
+        return PathBuf::from(p);
+    }
+    // The workspace's target dir, same profile as this test.
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_loadtest"));
+    exe.with_file_name("moselle")
+}
+
+#[test]
+fn every_scenario_and_the_ramp_flow_and_report() {
+    let bin = server_bin();
+    assert!(
+        bin.is_file(),
+        "moselle binary missing at {} (cargo build --workspace, or set MOSELLE_BIN)",
+        bin.display()
+    );
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke");
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["--smoke", "--ramp", "--quiet", "--out"])
+        .arg(&out)
+        .arg("--server-bin")
+        .arg(&bin)
+        .output()
+        .expect("run loadtest");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "loadtest failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("scenario"), "no summary table:\n{stdout}");
+
+    let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("report.json is JSON");
+    let entries = report["entries"].as_array().expect("entries");
+    let names: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e["scenario"].as_str())
+        .collect();
+    assert_eq!(names, ["audio", "meeting", "livestream"], "{json}");
+    for e in entries {
+        let name = e["scenario"].as_str().unwrap_or("?");
+        let steps = e["steps"].as_array().expect("steps");
+        assert_eq!(steps.len(), 2, "{name}: both ramp steps run: {json}");
+        for m in steps {
+            let f = |k: &str| {
+                m[k].as_f64()
+                    .unwrap_or_else(|| panic!("{name}: {k} missing: {m}"))
+            };
+            assert_eq!(f("join_failures"), 0.0, "{name}: {m}");
+            assert!(f("forwarded_pps") > 0.0, "{name}: nothing forwarded: {m}");
+            assert!(f("received_pps") > 0.0, "{name}: nothing received: {m}");
+            assert!(f("loss") < 0.05, "{name}: loss: {m}");
+            assert!(f("server_us_per_forwarded") > 0.0, "{name}: {m}");
+            assert!(f("delay_p99_ms") > 0.0, "{name}: {m}");
+            if name != "audio" {
+                assert!(
+                    f("keyframes_received") > 0.0,
+                    "{name}: no keyframe arrived: {m}"
+                );
+            }
+        }
+        assert!(e["held"].is_object(), "{name}: a smoke size must hold: {e}");
+        let b = &e["baseline"];
+        assert!(
+            b["us_per_forwarded"].as_f64().is_some_and(|v| v > 0.0),
+            "{name}: baseline: {e}"
+        );
+        assert!(
+            e["ratio_to_baseline"].as_f64().is_some_and(|v| v > 0.0),
+            "{name}: ratio: {e}"
+        );
+    }
+    let svg = std::fs::read_to_string(out.join("report.svg")).expect("report.svg");
+    assert!(
+        svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+        "{svg}"
+    );
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        6,
+        "two panels of three lines"
+    );
+}
