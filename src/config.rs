@@ -118,6 +118,21 @@ pub struct RoomConfig {
 #[serde(deny_unknown_fields)]
 pub struct RtcConfig {
     pub pli_throttle_ms: u64,
+    /// Forwarding worker threads; 0 = one per available core.
+    pub workers: usize,
+}
+
+impl RtcConfig {
+    /// The worker count to run: `workers`, or one per available core.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

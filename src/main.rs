@@ -43,6 +43,9 @@ enum Cmd {
         http_port: Option<u16>,
         #[arg(long)]
         udp_port: Option<u16>,
+        /// Forwarding worker threads (default: `[rtc] workers`, 0 = one per core).
+        #[arg(long)]
+        workers: Option<usize>,
         /// Address to announce in ICE candidates (repeatable).
         #[arg(long = "node-ip")]
         node_ips: Vec<IpAddr>,
@@ -126,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             bind,
             http_port,
             udp_port,
+            workers,
             node_ips,
             log_json,
         } => {
@@ -139,6 +143,9 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(p) = udp_port {
                 config.server.udp_port = p;
+            }
+            if let Some(w) = workers {
+                config.rtc.workers = w;
             }
             if !node_ips.is_empty() {
                 config.server.node_ips = node_ips;

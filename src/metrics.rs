@@ -10,6 +10,7 @@ pub struct MediaCounters {
     pub udp_unroutable: AtomicU64,
     pub udp_rejected: AtomicU64,
     pub udp_send_drops: AtomicU64,
+    pub udp_overload_drops: AtomicU64,
     pub rtp_packets_in: AtomicU64,
     pub rtp_packets_forwarded: AtomicU64,
     pub rtp_bytes_forwarded: AtomicU64,
@@ -51,6 +52,12 @@ impl MediaCounters {
                 "counter",
                 "UDP datagrams matching no peer (dropped)",
                 g(&self.udp_unroutable),
+            ),
+            (
+                "udp_overload_drops_total",
+                "counter",
+                "UDP datagrams dropped because their forwarding worker was too far behind",
+                g(&self.udp_overload_drops),
             ),
             (
                 "udp_rejected_total",

@@ -110,9 +110,11 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             Duration::from_secs(c.heartbeat_secs.max(1)),
         ));
     }
+    let workers = cfg.rtc.worker_count();
     let media = MediaHandle::start(
         engine_cfg,
         udp,
+        workers,
         KeySet::new(cfg.keys.clone()),
         local_rooms,
         cluster.clone(),
@@ -124,6 +126,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         http_port = http_addr.port(),
         udp_port,
         candidates = ips.len(),
+        workers,
         node = %cfg.server.node_id,
         jurisdiction = %cfg.server.jurisdiction,
         "moselle listening"

@@ -34,6 +34,10 @@ struct Args {
     /// the first is used; with it, the ramp's steps.
     #[arg(long, value_delimiter = ',')]
     sizes: Vec<usize>,
+    /// Rooms of that size run side by side (rooms are spread over the
+    /// server's workers; one room stays on one).
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
     /// Speakers in the audio scenario.
     #[arg(long, default_value_t = 10)]
     speakers: usize,
@@ -121,10 +125,7 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
                             .context("no directory for this executable")?
                             .join("moselle"),
                     };
-                    // One worker is the server's default: no flag for it,
-                    // so the runner works with any build.
-                    let flag = workers.filter(|w| *w != 1);
-                    server::Server::start_local(&bin, args.ip, flag, &args.out).await?
+                    server::Server::start_local(&bin, args.ip, workers, &args.out).await?
                 }
             };
             let (key, secret) = match (&args.key, &args.secret, &args.url) {
@@ -160,8 +161,9 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
                         10.0
                     })),
                     join_rate: args.join_rate,
+                    rooms: args.rooms.max(1),
                 };
-                let room = format!("{}-{}-{}", kind.name(), size, i);
+                let room = format!("{}-{}-{}-w{}", kind.name(), size, i, workers.unwrap_or(0));
                 let m = runner.run(&opts, &room).await?;
                 let ok = m.loss <= 0.01
                     && m.delay_p99_ms.is_some_and(|d| d <= 50.0)

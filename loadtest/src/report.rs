@@ -43,9 +43,10 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 pub fn one_line(m: &Measurement, ok: bool) -> String {
     format!(
-        "{} size {} ({} participants): fwd {:.0} pkt/s, server {:.3} cores = {} µs/pkt ({} pkt per CPU-s), loss {:.2} %, delay p50/p99 {}/{} ms, join p50/p99 {}/{} ms, generator {:.2} cores, bottleneck {}: {}",
+        "{} size {} x{} room(s) ({} participants): fwd {:.0} pkt/s, server {:.3} cores = {} µs/pkt ({} pkt per CPU-s), loss {:.2} %, delay p50/p99 {}/{} ms, join p50/p99 {}/{} ms, generator {:.2} cores, bottleneck {}: {}",
         m.scenario,
         m.size,
+        m.rooms,
         m.participants,
         m.forwarded_pps,
         m.server_cpu_cores,

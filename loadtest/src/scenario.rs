@@ -85,6 +85,8 @@ pub struct RunOpts {
     pub window: Duration,
     /// Participants started per second.
     pub join_rate: f64,
+    /// Rooms of `size` side by side.
+    pub rooms: usize,
 }
 
 /// What one run measured.
@@ -92,6 +94,7 @@ pub struct RunOpts {
 pub struct Measurement {
     pub scenario: String,
     pub size: usize,
+    pub rooms: usize,
     pub participants: usize,
     pub joined: u64,
     pub join_failures: u64,
@@ -134,7 +137,12 @@ impl Runner {
     pub async fn run(&self, opts: &RunOpts, room: &str) -> anyhow::Result<Measurement> {
         let s = self.ctx.stats.clone();
         let idle = self.server.sample().await?;
-        let plans = opts.kind.plans(room, opts.size, opts.speakers);
+        let plans: Vec<Plan> = (0..opts.rooms)
+            .flat_map(|r| {
+                opts.kind
+                    .plans(&format!("{room}-r{r}"), opts.size, opts.speakers)
+            })
+            .collect();
         let (stop_tx, stop_rx) = watch::channel(false);
         let before = snapshot(&s);
         self.ctx
@@ -233,6 +241,7 @@ impl Runner {
         Measurement {
             scenario: opts.kind.name().into(),
             size: opts.size,
+            rooms: opts.rooms,
             participants: n,
             joined: b.joined - before.joined,
             join_failures: b.join_failures - before.join_failures,
@@ -247,8 +256,11 @@ impl Runner {
                 0.0
             },
             server_cpu_cores: server_cores,
-            server_us_per_forwarded: (fwd > 0.0).then(|| cpu * 1e6 / fwd),
-            forwarded_per_cpu_second: (cpu > 0.0).then(|| fwd / cpu),
+            // A generator that could not keep up measured itself, not the
+            // server: no figure then (the bottleneck field says why).
+            server_us_per_forwarded: (fwd > 0.0 && bottleneck != "generator")
+                .then(|| cpu * 1e6 / fwd),
+            forwarded_per_cpu_second: (cpu > 0.0 && bottleneck != "generator").then(|| fwd / cpu),
             server_rss_mib: sb.rss_bytes as f64 / (1024.0 * 1024.0),
             server_kib_per_participant: (n > 0 && sb.rss_bytes > 0)
                 .then(|| mem / 1024.0 / n as f64),

@@ -29,11 +29,12 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
+use super::dispatch::{Inbox, RxBatch, UfragMap, UfragRoutes};
 use super::forward::{Layer, Verdict};
 use super::participant::{Participant, PcRole, Peer, SubscriberPeer};
 use super::room::{now_ms, Room, MAX_LAYERS};
 use super::sdp::Kind;
-use super::udp::{Datagram, UdpIo, UdpTx};
+use super::udp::{Datagram, UdpIo, UdpTx, BATCH};
 use crate::metrics::MediaCounters;
 
 /// The LiveKit server version we present: clients gate features on it
@@ -49,6 +50,17 @@ pub(super) const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
 pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
+fn timer_tick() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        Duration::from_micros(
+            std::env::var("MOSELLE_TICK_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        )
+    })
+}
 /// Datagram batches read before commands get a turn.
 const BATCHES_PER_TURN: usize = 16;
 
@@ -105,7 +117,7 @@ pub(super) struct Core {
     pub(super) rooms: Slab<Room>,
     pub(super) room_by_name: HashMap<String, usize>,
     pub(super) parts: Slab<Participant>,
-    pub(super) by_ufrag: HashMap<String, (usize, PcRole)>,
+    pub(super) by_ufrag: UfragMap,
     pub(super) by_addr: HashMap<SocketAddr, (usize, PcRole)>,
     /// Participants whose str0m state changed and must be polled.
     pub(super) dirty: Vec<usize>,
@@ -116,6 +128,8 @@ pub(super) struct Core {
     pub(super) directory: Directory,
     pub(super) next_gen: u64,
     pub(super) next_housekeeping: Instant,
+    /// Timers run at most once per tick (see TIMER_TICK).
+    pub(super) next_tick: Instant,
     pub(super) next_quality: Instant,
     // Batched counter updates, published once per loop turn.
     pub(super) n_rtp_in: u64,
@@ -123,10 +137,25 @@ pub(super) struct Core {
     pub(super) n_fwd_bytes: u64,
 }
 
+/// Where a worker's datagrams come from.
+pub enum EngineIo {
+    /// The only worker: it owns the socket and reads it itself.
+    Direct(Box<UdpIo>),
+    /// One of several: the dispatcher fills its inbox; it sends on the
+    /// shared socket (kept open by the `Arc`).
+    Worker {
+        index: usize,
+        inbox: Arc<Inbox>,
+        tx: Box<UdpTx>,
+        socket: Arc<std::net::UdpSocket>,
+        routes: UfragRoutes,
+    },
+}
+
 /// Run the engine on the current thread until the command channel closes.
 pub fn run(
     cfg: EngineConfig,
-    udp: UdpIo,
+    io: EngineIo,
     mut commands: mpsc::UnboundedReceiver<Command>,
     counters: Arc<MediaCounters>,
     directory: Directory,
@@ -134,14 +163,30 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let UdpIo { socket, mut rx, tx } = udp;
+    enum Source {
+        Socket(std::net::UdpSocket, Box<super::udp::UdpRx>),
+        Inbox(Arc<Inbox>, Arc<std::net::UdpSocket>),
+    }
+    let (tx, shared, source) = match io {
+        EngineIo::Direct(io) => {
+            let UdpIo { socket, rx, tx } = *io;
+            (tx, None, Source::Socket(socket, Box::new(rx)))
+        }
+        EngineIo::Worker {
+            index,
+            inbox,
+            tx,
+            socket,
+            routes,
+        } => (*tx, Some((index, routes)), Source::Inbox(inbox, socket)),
+    };
     let mut core = Core {
         cfg,
         tx,
         rooms: Slab::new(),
         room_by_name: HashMap::new(),
         parts: Slab::new(),
-        by_ufrag: HashMap::new(),
+        by_ufrag: UfragMap::new(shared),
         by_addr: HashMap::new(),
         dirty: Vec::new(),
         is_dirty: Vec::new(),
@@ -151,62 +196,107 @@ pub fn run(
         directory,
         next_gen: 1,
         next_housekeeping: Instant::now() + HOUSEKEEPING,
-        next_quality: Instant::now() + QUALITY_INTERVAL,
+        next_tick: Instant::now(),
         n_rtp_in: 0,
         n_fwd: 0,
         n_fwd_bytes: 0,
+        next_quality: Instant::now() + QUALITY_INTERVAL,
     };
     rt.block_on(async move {
-        // The AsyncFd owns the socket, so its fd outlives the registration
-        // and the rx/tx halves that use it.
-        #[allow(deprecated)]
-        let afd = AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)?;
-        loop {
-            let deadline = core.next_deadline();
-            tokio::select! {
-                biased;
-                cmd = commands.recv() => match cmd {
-                    Some(c) => core.command(c),
-                    None => break,
-                },
-                guard = afd.readable() => {
-                    let mut guard = guard?;
-                    let mut drained = false;
-                    for _ in 0..BATCHES_PER_TURN {
-                        let n = match rx.recv_batch() {
-                            Ok(n) => n,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "media socket receive failed");
-                                0
+        match source {
+            Source::Socket(socket, mut rx) => {
+                // The AsyncFd owns the socket, so its fd outlives the
+                // registration and the rx/tx halves that use it.
+                #[allow(deprecated)]
+                let afd = AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)?;
+                loop {
+                    let deadline = core.next_deadline().max(core.next_tick);
+                    tokio::select! {
+                        biased;
+                        cmd = commands.recv() => match cmd {
+                            Some(c) => core.command(c),
+                            None => break,
+                        },
+                        guard = afd.readable() => {
+                            let mut guard = guard?;
+                            let mut drained = false;
+                            for _ in 0..BATCHES_PER_TURN {
+                                let n = match rx.recv_batch() {
+                                    Ok(n) => n,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "media socket receive failed");
+                                        0
+                                    }
+                                };
+                                if n == 0 {
+                                    drained = true;
+                                    break;
+                                }
+                                let now = Instant::now();
+                                for i in 0..n {
+                                    core.datagram(rx.datagram(i), now);
+                                }
+                                MediaCounters::add(&core.counters.udp_datagrams_in, n as u64);
+                                core.flush();
                             }
-                        };
-                        if n == 0 {
-                            drained = true;
-                            break;
-                        }
-                        let now = Instant::now();
-                        for i in 0..n {
-                            core.datagram(rx.datagram(i), now);
-                        }
-                        MediaCounters::add(&core.counters.udp_datagrams_in, n as u64);
-                        core.flush();
+                            if drained {
+                                guard.clear_ready();
+                            }
+                        },
+                        _ = tokio::time::sleep_until(deadline.into()) => {},
                     }
-                    if drained {
-                        guard.clear_ready();
-                    }
-                },
-                _ = tokio::time::sleep_until(deadline.into()) => {},
+                    core.turn();
+                }
+                drop(afd);
             }
-            core.timeouts(Instant::now());
-            core.flush();
+            Source::Inbox(inbox, socket) => {
+                let mut batch = RxBatch::default();
+                loop {
+                    let deadline = core.next_deadline().max(core.next_tick);
+                    tokio::select! {
+                        biased;
+                        cmd = commands.recv() => match cmd {
+                            Some(c) => core.command(c),
+                            None => break,
+                        },
+                        _ = inbox.notify.notified() => {
+                            inbox.take(&mut batch);
+                            let now = Instant::now();
+                            for i in 0..batch.len() {
+                                core.datagram(batch.get(i), now);
+                                // Same batching as reading the socket.
+                                if i % BATCH == BATCH - 1 {
+                                    core.flush();
+                                }
+                            }
+                            batch.clear();
+                            core.flush();
+                        },
+                        _ = tokio::time::sleep_until(deadline.into()) => {},
+                    }
+                    core.turn();
+                }
+                drop(socket);
+            }
         }
-        drop(afd);
         Ok::<(), std::io::Error>(())
     })
 }
 
+impl Core {
+    /// End of a loop turn: timers (at most once per tick), then output.
+    fn turn(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_tick {
+            self.next_tick = now + timer_tick();
+            self.timeouts(now);
+        }
+        self.flush();
+    }
+}
+
 /// The local ICE ufrag a STUN binding request is addressed to.
-fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
+pub(super) fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
     // Header: type(2) length(2) cookie(4) transaction(12).
     if data.len() < 20 || data[0] & 0xc0 != 0 || data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
         return None;
@@ -444,7 +534,7 @@ impl Core {
             &c.rtp_bytes_forwarded,
             std::mem::take(&mut self.n_fwd_bytes),
         );
-        MediaCounters::set(&c.udp_send_drops, self.tx.send_drops);
+        MediaCounters::add(&c.udp_send_drops, std::mem::take(&mut self.tx.send_drops));
     }
 
     pub(super) fn timeouts(&mut self, now: Instant) {

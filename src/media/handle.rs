@@ -1,6 +1,8 @@
 //! The engine seen from other threads: start it, and implement the
 //! signaling [`Backend`] by sending it commands.
 
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -11,62 +13,127 @@ use moselle_signaling::backend::{
 use moselle_signaling::token::KeySet;
 use tokio::sync::{mpsc, oneshot};
 
-use super::engine::{self, Command, Directory, EngineConfig};
+use super::dispatch::{self, Inbox, UfragRoutes};
+use super::engine::{self, Command, Directory, EngineConfig, EngineIo};
 use super::udp::UdpIo;
 use crate::cluster::Cluster;
 use crate::metrics::MediaCounters;
 
 pub struct MediaHandle {
-    commands: mpsc::UnboundedSender<Command>,
+    /// One command channel per forwarding worker.
+    workers: Vec<mpsc::UnboundedSender<Command>>,
     keys: KeySet,
     auto_create: bool,
     directory: Directory,
     pub cluster: Arc<Cluster>,
     pub signal_counters: Arc<SignalCounters>,
     pub media_counters: Arc<MediaCounters>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    threads: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// Stops the dispatcher (several workers only).
+    dispatch_stop: Option<Arc<AtomicBool>>,
 }
 
 impl MediaHandle {
-    /// Start the engine thread on an already bound socket.
+    /// Start the engine on an already bound socket: `workers` forwarding
+    /// threads (rooms are spread over them), with a dispatcher thread
+    /// reading the socket when there is more than one.
     pub fn start(
         cfg: EngineConfig,
         udp: UdpIo,
+        workers: usize,
         keys: KeySet,
         directory: Directory,
         cluster: Arc<Cluster>,
     ) -> std::io::Result<Arc<MediaHandle>> {
-        let (tx, rx) = mpsc::unbounded_channel();
         let media_counters = Arc::new(MediaCounters::default());
         let auto_create = cfg.auto_create;
-        let (c2, d2) = (media_counters.clone(), directory.clone());
-        let thread = std::thread::Builder::new()
-            .name("moselle-media".into())
-            .spawn(move || engine::run(cfg, udp, rx, c2, d2))?;
+        let workers = workers.max(1);
+        let mut senders = Vec::with_capacity(workers);
+        let mut threads = Vec::with_capacity(workers + 1);
+        let mut dispatch_stop = None;
+        let spawn = |name: String, f: Box<dyn FnOnce() -> std::io::Result<()> + Send>| {
+            std::thread::Builder::new().name(name).spawn(f)
+        };
+        if workers == 1 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (c2, d2) = (media_counters.clone(), directory.clone());
+            let cfg = cfg.clone();
+            threads.push(spawn(
+                "moselle-media".into(),
+                Box::new(move || engine::run(cfg, EngineIo::Direct(Box::new(udp)), rx, c2, d2)),
+            )?);
+            senders.push(tx);
+        } else {
+            let routes: UfragRoutes = Default::default();
+            let inboxes: Vec<Arc<Inbox>> = (0..workers).map(|_| Arc::default()).collect();
+            let fd = udp.raw_fd();
+            let txs: Vec<_> = (0..workers).map(|_| udp.extra_tx()).collect();
+            let UdpIo { socket, rx, .. } = udp;
+            let socket = Arc::new(socket);
+            for (index, tx_half) in txs.into_iter().enumerate() {
+                let (tx, rx_cmd) = mpsc::unbounded_channel();
+                let io = EngineIo::Worker {
+                    index,
+                    inbox: inboxes[index].clone(),
+                    tx: Box::new(tx_half),
+                    socket: socket.clone(),
+                    routes: routes.clone(),
+                };
+                let (c2, d2, cfg) = (media_counters.clone(), directory.clone(), cfg.clone());
+                threads.push(spawn(
+                    format!("moselle-media-{index}"),
+                    Box::new(move || engine::run(cfg, io, rx_cmd, c2, d2)),
+                )?);
+                senders.push(tx);
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let (s2, c2) = (stop.clone(), media_counters.clone());
+            threads.push(spawn(
+                "moselle-udp-rx".into(),
+                Box::new(move || {
+                    // Holds the socket open for as long as it reads.
+                    let _socket = socket;
+                    dispatch::run(rx, fd, inboxes, routes, c2, s2);
+                    Ok(())
+                }),
+            )?);
+            dispatch_stop = Some(stop);
+        }
         Ok(Arc::new(MediaHandle {
-            commands: tx,
+            workers: senders,
             keys,
             auto_create,
             directory,
             cluster,
             signal_counters: Arc::new(SignalCounters::default()),
             media_counters,
-            thread: Some(thread),
+            threads,
+            dispatch_stop,
         }))
+    }
+
+    /// The worker a room lives on: a stable hash of its name.
+    fn worker_for(&self, room: &str) -> &mpsc::UnboundedSender<Command> {
+        let mut h = std::hash::DefaultHasher::new();
+        room.hash(&mut h);
+        &self.workers[(h.finish() % self.workers.len() as u64) as usize]
     }
 
     /// (room name, identity) of every connected participant.
     pub async fn members(&self) -> Vec<(String, String)> {
-        let (reply, wait) = oneshot::channel();
-        if self.commands.send(Command::Members { reply }).is_err() {
-            return Vec::new();
+        let mut all = Vec::new();
+        for w in &self.workers {
+            let (reply, wait) = oneshot::channel();
+            if w.send(Command::Members { reply }).is_ok() {
+                all.extend(wait.await.unwrap_or_default());
+            }
         }
-        wait.await.unwrap_or_default()
+        all
     }
 
     /// Remove `identity` from `room`, telling its client why.
     pub fn evict(&self, room: &str, identity: &str, reason: lk::DisconnectReason) {
-        let _ = self.commands.send(Command::Evict {
+        let _ = self.worker_for(room).send(Command::Evict {
             room: room.to_string(),
             identity: identity.to_string(),
             reason,
@@ -80,9 +147,17 @@ impl MediaHandle {
             .unwrap_or(false)
     }
 
-    /// Whether the engine thread is still running.
+    /// Whether every engine thread is still running.
     pub fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+}
+
+impl Drop for MediaHandle {
+    fn drop(&mut self) {
+        if let Some(s) = &self.dispatch_stop {
+            s.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -176,7 +251,8 @@ impl Backend for MediaHandle {
                     "the media engine is not running",
                 )
             };
-            self.commands
+            let worker = self.worker_for(&room);
+            worker
                 .send(Command::Join {
                     ticket: Box::new(ticket),
                     out,
@@ -185,7 +261,7 @@ impl Backend for MediaHandle {
                 .map_err(|_| unavailable())?;
             let (key, gen) = wait.await.map_err(|_| unavailable())??;
             Ok(Box::new(Link {
-                commands: self.commands.clone(),
+                commands: worker.clone(),
                 key,
                 gen,
             }) as Box<dyn SessionLink>)

@@ -2,6 +2,7 @@
 //! here runs on the engine thread except [`handle`], the thread-safe door.
 
 pub mod data;
+pub mod dispatch;
 mod dynacast;
 pub mod engine;
 pub mod forward;

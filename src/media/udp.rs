@@ -118,18 +118,15 @@ impl UdpIo {
             rx_dst: [Ipv4Addr::UNSPECIFIED; BATCH],
             rx_count: 0,
         };
-        let tx = UdpTx {
-            fd,
-            bound_ip: v4,
-            tx_bufs: vec![[0u8; MAX_DATAGRAM]; BATCH].into_boxed_slice(),
-            tx_lens: [0; BATCH],
-            tx_to: vec![zero_sa; BATCH].into_boxed_slice(),
-            tx_from: [Ipv4Addr::UNSPECIFIED; BATCH],
-            tx_ctrl: vec![[0u8; CMSG_SPACE]; BATCH].into_boxed_slice(),
-            tx_count: 0,
-            send_drops: 0,
-        };
+        let tx = UdpTx::new(fd, v4);
         Ok(UdpIo { socket, rx, tx })
+    }
+
+    /// Another sender on the same socket, with buffers of its own: each
+    /// forwarding worker sends its batches itself (sendmmsg on one socket
+    /// from several threads is safe; each call is atomic).
+    pub fn extra_tx(&self) -> UdpTx {
+        UdpTx::new(self.rx.fd, self.rx.bound_ip)
     }
 
     pub fn local_port(&self) -> u16 {
@@ -207,6 +204,22 @@ impl UdpRx {
 }
 
 impl UdpTx {
+    fn new(fd: RawFd, bound_ip: Ipv4Addr) -> UdpTx {
+        // SAFETY: sockaddr_in is plain old data.
+        let zero_sa: libc::sockaddr_in = unsafe { zeroed() };
+        UdpTx {
+            fd,
+            bound_ip,
+            tx_bufs: vec![[0u8; MAX_DATAGRAM]; BATCH].into_boxed_slice(),
+            tx_lens: [0; BATCH],
+            tx_to: vec![zero_sa; BATCH].into_boxed_slice(),
+            tx_from: [Ipv4Addr::UNSPECIFIED; BATCH],
+            tx_ctrl: vec![[0u8; CMSG_SPACE]; BATCH].into_boxed_slice(),
+            tx_count: 0,
+            send_drops: 0,
+        }
+    }
+
     /// Queue a datagram; flushes by itself when the batch is full.
     pub fn send(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) {
         let (SocketAddr::V4(to), IpAddr::V4(from_ip)) = (to, from.ip()) else {
