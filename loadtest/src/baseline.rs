@@ -78,17 +78,39 @@ pub fn run(
 ) -> anyhow::Result<Baseline> {
     let io = UdpIo::bind(ip, 0).context("bind the relay socket")?;
     let relay_addr = SocketAddr::new(ip, io.local_port());
-    // Never read: the kernel does the delivery work, then drops.
-    let sink = std::net::UdpSocket::bind((ip, 0))?;
-    let sink_addr = sink.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
+    // One receiving socket per subscriber (up to 16), each drained by a
+    // thread as a client's would be, so the relay pays the same wake-ups
+    // on delivery that the SFU pays toward its subscribers.
+    let sinks: Vec<std::net::UdpSocket> = (0..(fanout.ceil() as usize).clamp(1, 16))
+        .map(|_| std::net::UdpSocket::bind((ip, 0)))
+        .collect::<Result<_, _>>()?;
+    let sink_addrs: Vec<SocketAddr> = sinks
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<Result<_, _>>()?;
+    let readers: Vec<_> = sinks
+        .into_iter()
+        .map(|s| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                let mut buf = [0u8; 2048];
+                while !stop.load(Relaxed) {
+                    let _ = s.recv(&mut buf);
+                }
+            })
+        })
+        .collect();
     let forwarded = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
 
     let relay = {
         let (stop, forwarded, received) = (stop.clone(), forwarded.clone(), received.clone());
         std::thread::spawn(move || {
-            relay_loop(io, sink_addr, relay_addr, fanout, stop, forwarded, received)
+            relay_loop(
+                io, sink_addrs, relay_addr, fanout, stop, forwarded, received,
+            )
         })
     };
     let sender = {
@@ -107,7 +129,9 @@ pub fn run(
         .join()
         .map_err(|_| anyhow::anyhow!("relay thread panicked"))??;
     let _ = sender.join();
-    drop(sink);
+    for r in readers {
+        let _ = r.join();
+    }
     // The relay's CPU was read over its whole life; scale to the window by
     // its forwarded count (the rate was steady).
     let fwd = (f1 - f0) as f64;
@@ -137,7 +161,7 @@ pub fn run(
 
 fn relay_loop(
     mut io: UdpIo,
-    sink: SocketAddr,
+    sinks: Vec<SocketAddr>,
     local: SocketAddr,
     fanout: f64,
     stop: Arc<AtomicBool>,
@@ -201,7 +225,8 @@ fn relay_loop(
                         )
                         .map_err(|_| anyhow::anyhow!("seal"))?;
                     ob[clear_len..clear_len + TAG].copy_from_slice(tag.as_ref());
-                    io.tx.send(local, sink, &out[..HEADER + clear_len + TAG]);
+                    let to = sinks[k % sinks.len()];
+                    io.tx.send(local, to, &out[..HEADER + clear_len + TAG]);
                     fwd += 1;
                 }
             }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -403,6 +403,10 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
         }
     };
     settings_for(&join.other_participants, &req_tx);
+    // Dynacast: the layers the SFU wants (SubscribedQualityUpdate), as a
+    // browser's encoder turns simulcast layers off and on.
+    let layers_on: Arc<[AtomicBool; 3]> = Arc::new(std::array::from_fn(|_| AtomicBool::new(true)));
+    let wanted = layers_on.clone();
     let signal_loop = tokio::spawn(async move {
         let mut answer_tx = Some(answer_tx);
         while let Some(m) = sig.rx.recv().await {
@@ -431,6 +435,15 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                     let _ = published_tx.send(p);
                 }
                 Resp::Update(u) => settings_for(&u.participants, &req_tx),
+                Resp::SubscribedQualityUpdate(u) => {
+                    // Per codec, as livekit-client reads it (one codec here).
+                    for q in u.subscribed_codecs.iter().flat_map(|c| &c.qualities) {
+                        let i = usize::try_from(q.quality).ok();
+                        if let Some(f) = i.and_then(|i| wanted.get(i)) {
+                            f.store(q.enabled, Relaxed);
+                        }
+                    }
+                }
                 Resp::Leave(_) => break,
                 _ => {}
             }
@@ -454,7 +467,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
         let _ = ctx
             .media_since
             .compare_exchange(0, now_us(), Relaxed, Relaxed);
-        send_media(&ctx, sends, &mut stop).await;
+        send_media(&ctx, sends, &layers_on, &mut stop).await;
         anyhow::Ok(())
     }
     .await;
@@ -594,6 +607,7 @@ struct StreamState {
 async fn send_media(
     ctx: &Arc<Ctx>,
     sends: Vec<(Outgoing, Source)>,
+    layers_on: &[AtomicBool; 3],
     stop: &mut watch::Receiver<bool>,
 ) {
     let s = &ctx.stats;
@@ -666,6 +680,12 @@ async fn send_media(
                 }
                 Source::Video { layers } => {
                     let (layer, ssrc) = &mut layers[*l];
+                    let on = layers_on.get(*l).is_none_or(|f| f.load(Relaxed));
+                    if !on {
+                        // Paused: resume with a keyframe, as an encoder does.
+                        layer.restart();
+                        continue;
+                    }
                     layer.next_frame(&mut frame);
                     (*ssrc, Some(layer.spec.rid), 90_000u64)
                 }

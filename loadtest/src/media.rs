@@ -119,6 +119,11 @@ impl Vp8Layer {
         }
     }
 
+    /// The next frame will be a keyframe.
+    pub fn restart(&mut self) {
+        self.frame_no = 0;
+    }
+
     pub fn frame_interval_us(&self) -> u64 {
         1_000_000 / self.spec.fps as u64
     }
