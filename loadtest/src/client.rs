@@ -52,6 +52,7 @@ pub struct Ctx {
     /// When the first publisher started sending (µs, 0 = not yet): join time
     /// counts from here for those who joined before there was media.
     pub media_since: AtomicU64,
+    pub flavor: Flavor,
 }
 
 /// What one participant does.
@@ -252,18 +253,8 @@ async fn new_pc(ctx: &Arc<Ctx>, joined_at: u64, first_media: Arc<AtomicU64>) -> 
 }
 
 impl Pc {
-    /// Set the local description and return it with every candidate in it
-    /// (one host socket: gathering is immediate).
     async fn local_with_candidates(&self, desc: RTCSessionDescription) -> anyhow::Result<String> {
-        let gathered = self.gathered.notified();
-        self.pc.set_local_description(desc).await?;
-        let _ = tokio::time::timeout(Duration::from_secs(2), gathered).await;
-        let d = self
-            .pc
-            .local_description()
-            .await
-            .ok_or_else(|| anyhow!("no local description"))?;
-        Ok(d.sdp)
+        set_local(&self.pc, &self.gathered, desc).await
     }
 
     async fn wait_connected(&mut self) -> anyhow::Result<()> {
@@ -365,26 +356,49 @@ fn encoding(codec: &RTCRtpCodec, rid: &str, ssrc: u32) -> RTCRtpEncodingParamete
     }
 }
 
+/// Which LiveKit signaling flavour the participants use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flavor {
+    /// `/rtc/v1`: one peer connection, the client always offers (current
+    /// livekit-client and the Python/Rust SDKs).
+    V1,
+    /// `/rtc`: a publisher and a server-offered subscriber connection.
+    V0,
+}
+
 /// Run one participant until `stop` turns true. Returns after leaving.
 pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let joined_at = now_us();
-    let claims = join_claims(&plan.room, &plan.identity, Duration::from_secs(3600));
-    let mut claims = claims;
+    let mut claims = join_claims(&plan.room, &plan.identity, Duration::from_secs(3600));
     if let Some(v) = claims.video.as_mut() {
         v.can_publish = Some(plan.audio || plan.video);
         v.can_subscribe = Some(plan.subscribe);
     }
     let token = ctx.keys.mint(&ctx.key, &claims)?;
-    let (join, mut sig) = crate::signal::connect(&ctx.url, &token).await?;
+    let single = ctx.flavor == Flavor::V1;
+    let (join, mut sig) = crate::signal::connect(&ctx.url, &token, single).await?;
     let first_media = Arc::new(AtomicU64::new(0));
-    let mut publisher = new_pc(&ctx, joined_at, first_media.clone()).await?;
-    let subscriber = new_pc(&ctx, joined_at, first_media.clone()).await?;
+    // The connection we offer on, and (two-connection flavour) the one
+    // the server offers on.
+    let mut offerer = new_pc(&ctx, joined_at, first_media.clone()).await?;
+    let answerer = if single {
+        None
+    } else {
+        Some(new_pc(&ctx, joined_at, first_media.clone()).await?)
+    };
+    if single {
+        // As the SDKs do: the first offer carries the data channel.
+        offerer.pc.create_data_channel("_reliable", None).await?;
+    }
 
-    // Signaling is handled by one loop; the publish steps below wait on it
-    // through these.
+    // One loop owns signaling and negotiation; the publish steps talk to
+    // it through these.
     let (published_tx, mut published_rx) = mpsc::unbounded_channel::<lk::TrackPublishedResponse>();
-    let (answer_tx, answer_rx) = oneshot::channel::<String>();
-    let sub_pc = subscriber.pc.clone();
+    // A negotiation request is answered with the number of the answer
+    // that will cover it.
+    let (negotiate_tx, mut negotiate_rx) =
+        mpsc::unbounded_channel::<Option<oneshot::Sender<u64>>>();
+    let (negotiated_tx, negotiated_rx) = watch::channel(0u64);
     let req_tx = sig.tx.clone();
     let view = plan.view;
     let mut seen_tracks: HashSet<String> = HashSet::new();
@@ -407,17 +421,50 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
     // browser's encoder turns simulcast layers off and on.
     let layers_on: Arc<[AtomicBool; 3]> = Arc::new(std::array::from_fn(|_| AtomicBool::new(true)));
     let wanted = layers_on.clone();
+    let off_pc = offerer.pc.clone();
+    let off_gathered = offerer.gathered.clone();
     let signal_loop = tokio::spawn(async move {
-        let mut answer_tx = Some(answer_tx);
-        while let Some(m) = sig.rx.recv().await {
+        let mut in_flight = false;
+        let mut again = false;
+        let mut applied = 0u64;
+        // Offer now, or after the answer in flight.
+        macro_rules! negotiate {
+            () => {
+                if in_flight {
+                    again = true;
+                } else {
+                    match offer(&off_pc, &off_gathered).await {
+                        Ok(sdp) => {
+                            in_flight = true;
+                            let _ = req_tx.send(Req::Offer(sdp_msg("offer", sdp)));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "offer failed"),
+                    }
+                }
+            };
+        }
+        loop {
+            let m = tokio::select! {
+                m = sig.rx.recv() => match m { Some(m) => m, None => break },
+                n = negotiate_rx.recv() => {
+                    let Some(ticket) = n else { break };
+                    let covered_by = applied + if in_flight { 2 } else { 1 };
+                    negotiate!();
+                    if let Some(t) = ticket {
+                        let _ = t.send(covered_by);
+                    }
+                    continue;
+                }
+            };
             match m {
                 Resp::Offer(o) => {
+                    let Some(ans) = &answerer else { continue };
                     let r = async {
-                        sub_pc
+                        ans.pc
                             .set_remote_description(RTCSessionDescription::offer(o.sdp)?)
                             .await?;
-                        let a = sub_pc.create_answer(None).await?;
-                        let sdp = subscriber.local_with_candidates(a).await?;
+                        let a = ans.pc.create_answer(None).await?;
+                        let sdp = ans.local_with_candidates(a).await?;
                         let _ = req_tx.send(Req::Answer(sdp_msg("answer", sdp)));
                         anyhow::Ok(())
                     }
@@ -427,9 +474,37 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                     }
                 }
                 Resp::Answer(a) => {
-                    if let Some(tx) = answer_tx.take() {
-                        let _ = tx.send(a.sdp);
+                    let r = match RTCSessionDescription::answer(a.sdp) {
+                        Ok(d) => off_pc.set_remote_description(d).await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "answer refused");
                     }
+                    in_flight = false;
+                    applied += 1;
+                    let _ = negotiated_tx.send(applied);
+                    if std::mem::take(&mut again) {
+                        negotiate!();
+                    }
+                }
+                Resp::MediaSectionsRequirement(r) => {
+                    // Room for more subscriptions: receive-only m-lines.
+                    let kinds =
+                        std::iter::repeat_n(RtpCodecKind::Audio, r.num_audios as usize).chain(
+                            std::iter::repeat_n(RtpCodecKind::Video, r.num_videos as usize),
+                        );
+                    for kind in kinds {
+                        let init = RTCRtpTransceiverInit {
+                            direction: RTCRtpTransceiverDirection::Recvonly,
+                            streams: vec![],
+                            send_encodings: vec![],
+                        };
+                        if let Err(e) = off_pc.add_transceiver_from_kind(kind, Some(init)).await {
+                            tracing::warn!(error = %e, "receive transceiver");
+                        }
+                    }
+                    negotiate!();
                 }
                 Resp::TrackPublished(p) => {
                     let _ = published_tx.send(p);
@@ -451,17 +526,18 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
     });
 
     let r = async {
+        if single {
+            let _ = negotiate_tx.send(None);
+        }
         let mut sends = Vec::new();
         if plan.audio || plan.video {
-            sends = publish(
-                &ctx,
-                &plan,
-                &mut publisher,
-                &sig.tx,
-                &mut published_rx,
-                answer_rx,
-            )
-            .await?;
+            let steps = Negotiation {
+                tx: &sig.tx,
+                published: &mut published_rx,
+                negotiate: &negotiate_tx,
+                negotiated: negotiated_rx,
+            };
+            sends = publish(&plan, &mut offerer, steps).await?;
         }
         Stats::add(&ctx.stats.joined, 1);
         let _ = ctx
@@ -474,19 +550,47 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
     let _ = sig.tx.send(Req::Leave(lk::LeaveRequest::default()));
     tokio::time::sleep(Duration::from_millis(50)).await;
     signal_loop.abort();
-    let _ = publisher.pc.close().await;
-    let _ = join;
+    let _ = offerer.pc.close().await;
     r
 }
 
+/// Create an offer, set it, and return it with its candidates.
+async fn offer(pc: &Arc<dyn PeerConnection>, gathered: &Arc<Notify>) -> anyhow::Result<String> {
+    let o = pc.create_offer(None).await?;
+    set_local(pc, gathered, o).await
+}
+
+/// Set the local description and return it with every candidate in it
+/// (one host socket: gathering is immediate).
+async fn set_local(
+    pc: &Arc<dyn PeerConnection>,
+    gathered: &Arc<Notify>,
+    desc: RTCSessionDescription,
+) -> anyhow::Result<String> {
+    let done = gathered.notified();
+    pc.set_local_description(desc).await?;
+    let _ = tokio::time::timeout(Duration::from_secs(2), done).await;
+    Ok(pc
+        .local_description()
+        .await
+        .ok_or_else(|| anyhow!("no local description"))?
+        .sdp)
+}
+
+/// The publish steps' line to the signaling loop.
+struct Negotiation<'a> {
+    tx: &'a mpsc::UnboundedSender<Req>,
+    published: &'a mut mpsc::UnboundedReceiver<lk::TrackPublishedResponse>,
+    negotiate: &'a mpsc::UnboundedSender<Option<oneshot::Sender<u64>>>,
+    negotiated: watch::Receiver<u64>,
+}
+
 async fn publish(
-    ctx: &Arc<Ctx>,
     plan: &Plan,
     publisher: &mut Pc,
-    tx: &mpsc::UnboundedSender<Req>,
-    published_rx: &mut mpsc::UnboundedReceiver<lk::TrackPublishedResponse>,
-    answer_rx: oneshot::Receiver<String>,
+    mut n: Negotiation<'_>,
 ) -> anyhow::Result<Vec<(Outgoing, Source)>> {
+    let tx = n.tx;
     let pc = &publisher.pc;
     let stream = format!("{}-stream", plan.identity);
     let mut pending = Vec::new();
@@ -567,26 +671,25 @@ async fn publish(
     // The SDKs wait for every TrackPublished before offering.
     let want = pending.len();
     for _ in 0..want {
-        tokio::time::timeout(SETUP_TIMEOUT, published_rx.recv())
+        tokio::time::timeout(SETUP_TIMEOUT, n.published.recv())
             .await
             .context("no TrackPublishedResponse")?
             .ok_or_else(|| anyhow!("signaling closed"))?;
     }
-    let offer = pc.create_offer(None).await?;
-    let sdp = publisher.local_with_candidates(offer).await?;
-    let _ = tx.send(Req::Offer(sdp_msg("offer", sdp)));
-    let answer = tokio::time::timeout(SETUP_TIMEOUT, answer_rx)
+    // Offer (through the signaling loop, which serialises negotiations)
+    // and wait for an answer that covers the new senders.
+    let (ticket, covered_by) = oneshot::channel();
+    let _ = n.negotiate.send(Some(ticket));
+    let target = covered_by.await.map_err(|_| anyhow!("signaling closed"))?;
+    tokio::time::timeout(SETUP_TIMEOUT, n.negotiated.wait_for(|v| *v >= target))
         .await
-        .context("no answer to the publisher offer")?
+        .context("no answer to the publish offer")?
         .map_err(|_| anyhow!("signaling closed"))?;
-    pc.set_remote_description(RTCSessionDescription::answer(answer)?)
-        .await?;
     publisher.wait_connected().await?;
     let mut out = Vec::new();
     for (tr, track, src) in pending {
         out.push((outgoing(&tr, track).await?, src));
     }
-    let _ = ctx;
     Ok(out)
 }
 

@@ -69,6 +69,9 @@ struct Args {
     /// Address the simulated clients (and a local server) use.
     #[arg(long, default_value = "127.0.0.1")]
     ip: IpAddr,
+    /// Signaling flavour of the simulated clients.
+    #[arg(long, value_enum, default_value = "v1")]
+    signal: client::Flavor,
     /// Skip the same-run relay baseline.
     #[arg(long)]
     no_baseline: bool,
@@ -134,7 +137,7 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
                 _ => anyhow::bail!("--url needs --key and --secret"),
             };
             let runner = Runner {
-                ctx: scenario::context(server.ws_url.clone(), key, secret, args.ip),
+                ctx: scenario::context(server.ws_url.clone(), key, secret, args.ip, args.signal),
                 server,
                 cores,
                 quiet: args.quiet,
@@ -204,9 +207,9 @@ fn steps(args: &Args, kind: Kind) -> Vec<usize> {
         (true, true, _) => vec![2, 3],
         (true, false, Kind::Meeting) => vec![3],
         (true, false, _) => vec![3],
-        (false, true, Kind::Audio) => vec![50, 100, 200, 400, 800, 1600],
-        (false, true, Kind::Meeting) => vec![4, 6, 8, 10, 12, 16, 20, 25, 30],
-        (false, true, Kind::Livestream) => vec![25, 50, 100, 200, 400, 800],
+        (false, true, Kind::Audio) => vec![25, 50, 100, 150, 200, 300, 400],
+        (false, true, Kind::Meeting) => vec![4, 8, 12, 16, 20, 24, 28, 32],
+        (false, true, Kind::Livestream) => vec![25, 50, 100, 150, 200, 300, 400],
         (false, false, Kind::Audio) => vec![100],
         (false, false, Kind::Meeting) => vec![8],
         (false, false, Kind::Livestream) => vec![100],

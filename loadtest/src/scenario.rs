@@ -162,7 +162,8 @@ impl Runner {
                     tracing::warn!(participant = %who, error = %format!("{e:#}"), "participant failed");
                 }
             }));
-            self.progress(opts, n, &idle).await;
+            self.progress(opts, n, before.joined + before.join_failures)
+                .await;
             tokio::time::sleep(gap).await;
         }
         // Settle: everyone joined (or failed), then the warm-up.
@@ -175,7 +176,8 @@ impl Runner {
         }
         let warm_end = Instant::now() + opts.warmup;
         while Instant::now() < warm_end {
-            self.progress(opts, n, &idle).await;
+            self.progress(opts, n, before.joined + before.join_failures)
+                .await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         // The measured window.
@@ -189,7 +191,8 @@ impl Runner {
         while Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if last.elapsed() >= Duration::from_secs(1) {
-                self.progress(opts, n, &idle).await;
+                self.progress(opts, n, before.joined + before.join_failures)
+                    .await;
                 last = Instant::now();
             }
         }
@@ -281,17 +284,17 @@ impl Runner {
         }
     }
 
-    async fn progress(&self, opts: &RunOpts, n: usize, _idle: &Sample) {
+    async fn progress(&self, opts: &RunOpts, n: usize, base: u64) {
         if self.quiet {
             return;
         }
         let s = &self.ctx.stats;
         let sample = self.server.sample().await.unwrap_or_default();
         eprint!(
-            "\r[{} {}] joined {}/{} failed {} | sent {} recv {} pkts | server fwd {} pkts, {:.1} CPU-s, {} MiB | p99 delay {} ms   ",
+            "\r[{} {}] joined {}/{} (failed in all {}) | sent {} recv {} pkts | server fwd {} pkts, {:.1} CPU-s, {} MiB | p99 delay {} ms   ",
             opts.kind.name(),
             opts.size,
-            Stats::get(&s.joined),
+            (Stats::get(&s.joined) + Stats::get(&s.join_failures)).saturating_sub(base),
             n,
             Stats::get(&s.join_failures),
             Stats::get(&s.sent_packets),
@@ -332,7 +335,13 @@ fn snapshot(s: &Stats) -> Snap {
 }
 
 /// A fresh context for a run.
-pub fn context(url: String, key: String, secret: String, bind_ip: std::net::IpAddr) -> Arc<Ctx> {
+pub fn context(
+    url: String,
+    key: String,
+    secret: String,
+    bind_ip: std::net::IpAddr,
+    flavor: client::Flavor,
+) -> Arc<Ctx> {
     let mut keys = std::collections::HashMap::new();
     keys.insert(key.clone(), secret);
     Arc::new(Ctx {
@@ -342,5 +351,6 @@ pub fn context(url: String, key: String, secret: String, bind_ip: std::net::IpAd
         bind_ip,
         stats: Arc::new(Stats::default()),
         media_since: AtomicU64::new(0),
+        flavor,
     })
 }

@@ -1,8 +1,9 @@
-//! The LiveKit signaling client: a WebSocket to `/rtc` carrying
+//! The LiveKit signaling client: a WebSocket to `/rtc/v1` or `/rtc` carrying
 //! `SignalRequest` / `SignalResponse` protobufs, with the keep-alive pings a
 //! real SDK sends.
 
 use anyhow::{anyhow, bail, Context};
+use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use livekit_protocol as lk;
 use lk::signal_request::Message as Req;
@@ -11,7 +12,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
-/// LiveKit protocol level we speak (the two-peer-connection flavour).
+/// LiveKit protocol level we announce.
 const PROTOCOL: u32 = 16;
 
 pub struct Signal {
@@ -21,11 +22,38 @@ pub struct Signal {
 
 /// Connect, read the JoinResponse and keep the socket pumping in two tasks
 /// (reader, writer with pings) until either side drops.
-pub async fn connect(base: &str, token: &str) -> anyhow::Result<(lk::JoinResponse, Signal)> {
-    let url = format!(
-        "{}/rtc?access_token={token}&protocol={PROTOCOL}&auto_subscribe=1&adaptive_stream=0&sdk=rust&version=moselle-loadtest",
-        base.trim_end_matches('/')
-    );
+pub async fn connect(
+    base: &str,
+    token: &str,
+    single_pc: bool,
+) -> anyhow::Result<(lk::JoinResponse, Signal)> {
+    let base = base.trim_end_matches('/');
+    let url = if single_pc {
+        // `/rtc/v1`: the join parameters travel as a protobuf.
+        let join = lk::JoinRequest {
+            client_info: Some(lk::ClientInfo {
+                sdk: lk::client_info::Sdk::Rust as i32,
+                version: "moselle-loadtest".into(),
+                protocol: PROTOCOL as i32,
+                ..Default::default()
+            }),
+            connection_settings: Some(lk::ConnectionSettings {
+                auto_subscribe: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let wrapped = lk::WrappedJoinRequest {
+            compression: lk::wrapped_join_request::Compression::None as i32,
+            join_request: join.encode_to_vec(),
+        };
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(wrapped.encode_to_vec());
+        format!("{base}/rtc/v1?access_token={token}&join_request={b64}")
+    } else {
+        format!(
+            "{base}/rtc?access_token={token}&protocol={PROTOCOL}&auto_subscribe=1&adaptive_stream=0&sdk=rust&version=moselle-loadtest"
+        )
+    };
     let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
         .await
         .with_context(|| format!("WebSocket connect to {base}/rtc"))?;

@@ -50,17 +50,6 @@ pub(super) const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
 pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
-fn timer_tick() -> Duration {
-    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *T.get_or_init(|| {
-        Duration::from_micros(
-            std::env::var("MOSELLE_TICK_US")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        )
-    })
-}
 /// Datagram batches read before commands get a turn.
 const BATCHES_PER_TURN: usize = 16;
 
@@ -128,8 +117,6 @@ pub(super) struct Core {
     pub(super) directory: Directory,
     pub(super) next_gen: u64,
     pub(super) next_housekeeping: Instant,
-    /// Timers run at most once per tick (see TIMER_TICK).
-    pub(super) next_tick: Instant,
     pub(super) next_quality: Instant,
     // Batched counter updates, published once per loop turn.
     pub(super) n_rtp_in: u64,
@@ -196,7 +183,6 @@ pub fn run(
         directory,
         next_gen: 1,
         next_housekeeping: Instant::now() + HOUSEKEEPING,
-        next_tick: Instant::now(),
         n_rtp_in: 0,
         n_fwd: 0,
         n_fwd_bytes: 0,
@@ -210,7 +196,7 @@ pub fn run(
                 #[allow(deprecated)]
                 let afd = AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)?;
                 loop {
-                    let deadline = core.next_deadline().max(core.next_tick);
+                    let deadline = core.next_deadline();
                     tokio::select! {
                         biased;
                         cmd = commands.recv() => match cmd {
@@ -252,7 +238,7 @@ pub fn run(
             Source::Inbox(inbox, socket) => {
                 let mut batch = RxBatch::default();
                 loop {
-                    let deadline = core.next_deadline().max(core.next_tick);
+                    let deadline = core.next_deadline();
                     tokio::select! {
                         biased;
                         cmd = commands.recv() => match cmd {
@@ -284,13 +270,9 @@ pub fn run(
 }
 
 impl Core {
-    /// End of a loop turn: timers (at most once per tick), then output.
+    /// End of a loop turn: due timers, then output.
     fn turn(&mut self) {
-        let now = Instant::now();
-        if now >= self.next_tick {
-            self.next_tick = now + timer_tick();
-            self.timeouts(now);
-        }
+        self.timeouts(Instant::now());
         self.flush();
     }
 }
@@ -469,8 +451,20 @@ impl Core {
             MediaCounters::add(&self.counters.udp_rejected, 1);
             return;
         };
+        // str0m follows every received datagram with its whole timer pass
+        // (every send stream's queue, NACK, RTCP): with one connection per
+        // participant that is O(streams) per packet. Time that has not moved
+        // skips it, so the first datagram of a batch for this peer carries
+        // `now` and the others a nanosecond less; the timers still run on
+        // their own deadlines (`timeouts`).
+        let at = if peer.last_input >= now {
+            now.checked_sub(Duration::from_nanos(1)).unwrap_or(now)
+        } else {
+            peer.last_input = now;
+            now
+        };
         let input = Input::Receive(
-            now,
+            at,
             Receive {
                 proto: Protocol::Udp,
                 source: d.source,
@@ -557,6 +551,7 @@ impl Core {
                     .flatten()
                 {
                     if peer.next_timeout <= now && peer.rtc.is_alive() {
+                        peer.last_input = now;
                         if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
                             tracing::debug!(error = %e, "timeout handling failed");
                         }

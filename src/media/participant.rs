@@ -20,6 +20,8 @@ pub struct Peer {
     pub rtc: Rtc,
     pub ufrag: String,
     pub next_timeout: Instant,
+    /// The instant of the last input given to `rtc` (see `Core::datagram`).
+    pub last_input: Instant,
     /// Remote addresses seen, so the demux maps can be cleaned on leave.
     pub remote_addrs: Vec<SocketAddr>,
     /// Incoming SSRC -> (room track key, layer); a handful of entries.
@@ -39,6 +41,7 @@ impl Peer {
             rtc,
             ufrag,
             next_timeout: Instant::now(),
+            last_input: Instant::now(),
             remote_addrs: Vec::new(),
             rx_routes: Vec::new(),
             remote: SdpInfo::default(),
