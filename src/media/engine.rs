@@ -1,10 +1,13 @@
-//! The media engine: one thread owning the UDP socket, every room, every
-//! participant and every str0m peer connection. Signaling reaches it through
-//! a command channel; it answers through each participant's outbound queue.
+//! The media engine: a forwarding worker thread owning its rooms, their
+//! participants and their str0m peer connections. With one worker it owns
+//! the UDP socket too; with several, the dispatcher (`dispatch.rs`) reads
+//! the socket and hands each worker its datagrams. Signaling reaches a
+//! worker through its command channel; it answers through each
+//! participant's outbound queue.
 //!
-//! Why one thread: a room's forwarding then needs no locks, and a packet is
-//! received, rewritten and queued for every subscriber without a task hop.
-//! Datagrams are read and written in batches (recvmmsg/sendmmsg).
+//! Why one thread per room: a room's forwarding then needs no locks, and a
+//! packet is received, rewritten and queued for every subscriber without a
+//! task hop. Datagrams are read and written in batches (recvmmsg/sendmmsg).
 
 // LiveKit marks TrackInfo fields deprecated that current clients still read.
 #![allow(deprecated)]

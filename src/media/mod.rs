@@ -1,5 +1,6 @@
 //! The media plane: UDP I/O, rooms, participants, forwarding. Everything
-//! here runs on the engine thread except [`handle`], the thread-safe door.
+//! here runs on a forwarding worker thread, except [`handle`], the
+//! thread-safe door, and [`dispatch`]'s socket reader.
 
 pub mod data;
 pub mod dispatch;
