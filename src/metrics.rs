@@ -30,8 +30,14 @@ impl MediaCounters {
         }
     }
 
-    pub fn set(c: &AtomicU64, n: u64) {
-        c.store(n, Ordering::Relaxed);
+    /// Move a gauge shared by several workers from this worker's old
+    /// share to its new one.
+    pub fn shift(c: &AtomicU64, old: u64, new: u64) {
+        if new > old {
+            c.fetch_add(new - old, Ordering::Relaxed);
+        } else if old > new {
+            c.fetch_sub(old - new, Ordering::Relaxed);
+        }
     }
 
     pub fn get(c: &AtomicU64) -> u64 {

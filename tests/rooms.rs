@@ -99,3 +99,22 @@ async fn a_dropped_socket_is_kept_for_the_resume_window_then_removed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Several forwarding workers each own some rooms; the gauges are the sum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gauges_sum_over_workers() {
+    let s = start_with(|c| c.rtc.workers = 3).await;
+    let mut keep = Vec::new();
+    for (room, who) in [
+        ("r-one", "a"),
+        ("r-two", "b"),
+        ("r-three", "c"),
+        ("r-one", "d"),
+    ] {
+        keep.push(join(s.addr, &token(room, who)).await);
+    }
+    // Housekeeping (every 500 ms) on a worker without rooms must not reset them.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(metric(s.addr, "moselle_rooms").await, 3);
+    assert_eq!(metric(s.addr, "moselle_participants").await, 4);
+}

@@ -125,6 +125,8 @@ pub(super) struct Core {
     pub(super) n_rtp_in: u64,
     pub(super) n_fwd: u64,
     pub(super) n_fwd_bytes: u64,
+    /// This worker's share of the rooms/participants/tracks gauges.
+    pub(super) gauges: [u64; 3],
 }
 
 /// Where a worker's datagrams come from.
@@ -189,6 +191,7 @@ pub fn run(
         n_rtp_in: 0,
         n_fwd: 0,
         n_fwd_bytes: 0,
+        gauges: [0; 3],
         next_quality: Instant::now() + QUALITY_INTERVAL,
     };
     rt.block_on(async move {
@@ -273,6 +276,24 @@ pub fn run(
 }
 
 impl Core {
+    /// Bring the shared gauges up to date with this worker's counts (each
+    /// worker adds its own share, so they sum over workers).
+    pub(super) fn publish_gauges(&mut self) {
+        let now = [
+            self.rooms.len() as u64,
+            self.parts.len() as u64,
+            self.rooms.iter().map(|(_, r)| r.tracks.len() as u64).sum(),
+        ];
+        let c = &self.counters;
+        for (i, gauge) in [&c.rooms, &c.participants, &c.tracks]
+            .into_iter()
+            .enumerate()
+        {
+            MediaCounters::shift(gauge, self.gauges[i], now[i]);
+        }
+        self.gauges = now;
+    }
+
     /// End of a loop turn: due timers, then output.
     fn turn(&mut self) {
         self.timeouts(Instant::now());
@@ -998,10 +1019,10 @@ impl Core {
                 .insert(sp.peer.ufrag.clone(), (key, PcRole::Subscriber));
         }
         let server_info = self.server_info();
+        self.publish_gauges();
         let room = &mut self.rooms[room_key];
         room.participants.push(key);
         room.empty_since = None;
-        MediaCounters::set(&self.counters.participants, self.parts.len() as u64);
 
         // JoinResponse first, as every client requires.
         let others: Vec<lk::ParticipantInfo> = room
@@ -1110,7 +1131,7 @@ impl Core {
         if let Ok(mut d) = self.directory.write() {
             d.insert(name.to_string());
         }
-        MediaCounters::set(&self.counters.rooms, self.rooms.len() as u64);
+        self.publish_gauges();
         tracing::info!(room = %name, "room created");
         key
     }
@@ -1266,11 +1287,7 @@ impl Core {
                 }
             }
         }
-        MediaCounters::set(&self.counters.participants, self.parts.len() as u64);
-        MediaCounters::set(
-            &self.counters.tracks,
-            self.rooms.iter().map(|(_, r)| r.tracks.len() as u64).sum(),
-        );
+        self.publish_gauges();
     }
 
     pub(super) fn reap_broken(&mut self) {
@@ -1378,7 +1395,7 @@ impl Core {
             }
             tracing::info!(room = %r.name, "room closed");
         }
-        MediaCounters::set(&self.counters.rooms, self.rooms.len() as u64);
+        self.publish_gauges();
     }
 }
 

@@ -226,10 +226,7 @@ impl Core {
             self.unpublish(key, tk);
         }
         if changed {
-            MediaCounters::set(
-                &self.counters.tracks,
-                self.rooms.iter().map(|(_, r)| r.tracks.len() as u64).sum(),
-            );
+            self.publish_gauges();
             self.broadcast_participant(key, true);
         }
         // Subscribe the others after they know the track (ParticipantUpdate first).
