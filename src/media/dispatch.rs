@@ -74,6 +74,10 @@ impl UfragMap {
 struct Item {
     source: SocketAddr,
     destination: SocketAddr,
+    /// When the dispatcher read it: the receive time str0m sees (TWCC
+    /// feedback reports it), so the hand-off's wake-up delay is not
+    /// mistaken by senders' bandwidth estimators for network queuing.
+    at: Instant,
     off: u32,
     len: u32,
 }
@@ -86,10 +90,11 @@ pub struct RxBatch {
 }
 
 impl RxBatch {
-    fn push(&mut self, d: &Datagram<'_>) {
+    fn push(&mut self, d: &Datagram<'_>, at: Instant) {
         self.items.push(Item {
             source: d.source,
             destination: d.destination,
+            at,
             off: self.data.len() as u32,
             len: d.data.len() as u32,
         });
@@ -104,13 +109,15 @@ impl RxBatch {
         self.items.is_empty()
     }
 
-    pub fn get(&self, i: usize) -> Datagram<'_> {
+    /// The `i`th datagram and when it was read.
+    pub fn get(&self, i: usize) -> (Datagram<'_>, Instant) {
         let it = &self.items[i];
-        Datagram {
+        let d = Datagram {
             source: it.source,
             destination: it.destination,
             data: &self.data[it.off as usize..(it.off + it.len) as usize],
-        }
+        };
+        (d, it.at)
     }
 
     pub fn clear(&mut self) {
@@ -180,7 +187,7 @@ pub fn run(
         };
         // SAFETY: one pollfd we own; the fd outlives this thread.
         unsafe { libc::poll(&mut pfd, 1, 200) };
-        let now = Instant::now();
+        let mut now = Instant::now();
         loop {
             let n = match rx.recv_batch() {
                 Ok(n) => n,
@@ -192,6 +199,7 @@ pub fn run(
             if n == 0 {
                 break;
             }
+            now = Instant::now();
             let mut unroutable = 0;
             for i in 0..n {
                 let d = rx.datagram(i);
@@ -213,7 +221,7 @@ pub fn run(
                     }),
                 };
                 match worker.and_then(|w| pending.get_mut(w)) {
-                    Some(b) => b.push(&d),
+                    Some(b) => b.push(&d, now),
                     None => unroutable += 1,
                 }
             }
@@ -255,15 +263,16 @@ mod tests {
     fn batches_swap_then_append() {
         let inbox = Inbox::default();
         let mut a = RxBatch::default();
-        a.push(&dgram(b"one"));
-        a.push(&dgram(b"two"));
+        let t = Instant::now();
+        a.push(&dgram(b"one"), t);
+        a.push(&dgram(b"two"), t);
         assert_eq!(inbox.deliver(&mut a), 0);
         assert!(a.is_empty());
-        a.push(&dgram(b"three"));
+        a.push(&dgram(b"three"), t);
         inbox.deliver(&mut a);
         let mut got = RxBatch::default();
         inbox.take(&mut got);
-        let all: Vec<&[u8]> = (0..got.len()).map(|i| got.get(i).data).collect();
+        let all: Vec<&[u8]> = (0..got.len()).map(|i| got.get(i).0.data).collect();
         assert_eq!(all, [&b"one"[..], b"two", b"three"]);
         let mut again = RxBatch::default();
         inbox.take(&mut again);

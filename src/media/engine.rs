@@ -253,9 +253,9 @@ pub fn run(
                         },
                         _ = inbox.notify.notified() => {
                             inbox.take(&mut batch);
-                            let now = Instant::now();
                             for i in 0..batch.len() {
-                                core.datagram(batch.get(i), now);
+                                let (d, at) = batch.get(i);
+                                core.datagram(d, at);
                                 // Same batching as reading the socket.
                                 if i % BATCH == BATCH - 1 {
                                     core.flush();

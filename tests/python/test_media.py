@@ -42,13 +42,16 @@ async def frames_decoded(pub) -> int:
     return 0
 
 
-async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0, pub=None) -> None:
-    """Wait until the last decoded frame has `size` (and a few more follow)."""
+async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0, pub=None, peer=None) -> None:
+    """Wait until the last decoded frame has `size` (and a few more follow).
+    `peer`: another subscriber's publication of the same track, counted over
+    the same window, so a failure tells a slow publisher from slow forwarding."""
     await wait_until(
         lambda: (st.width, st.height) == size,
         timeout,
         lambda: f"{who}: expected decoded frames of {size[0]}x{size[1]} within {timeout:.0f}s; got {st.describe()}",
     )
+    p0 = await frames_decoded(peer) if peer is not None else 0
     if pub is not None:
         d0 = await frames_decoded(pub)
         await asyncio.sleep(2.0)
@@ -56,11 +59,13 @@ async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0, 
     else:
         n = await frames_after(st, 2.0)
     diag = ""
+    if peer is not None:
+        diag += f" (the other subscriber decoded {await frames_decoded(peer) - p0} in the same 2 s)"
     if pub is not None:
         for x in await pub.track.get_stats():
             if x.WhichOneof("stats") == "inbound_rtp":
                 i = x.inbound_rtp.inbound
-                diag = (f" (decoder: decoded {i.frames_decoded}, received {i.frames_received}, dropped {i.frames_dropped}, "
+                diag += (f" (decoder: decoded {i.frames_decoded}, received {i.frames_received}, dropped {i.frames_dropped}, "
                         f"keyframes {i.key_frames_decoded}, freezes {i.freeze_count}, PLIs {i.pli_count}, "
                         f"NACKs {i.nack_count}, lost {x.inbound_rtp.received.packets_lost}, {i.frame_width}x{i.frame_height})")
     assert n >= 5 and (st.width, st.height) == size, (
@@ -93,7 +98,8 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
             await asyncio.gather(_wait_video(b, vpub.sid, "A"), _wait_video(c, vpub.sid, "A"))
             bst, cst = b.probe.video[vpub.sid], c.probe.video[vpub.sid]
             bpub = b.room.remote_participants["A"].track_publications[vpub.sid]
-            await wait_size(bst, (W, H), "B (default: top layer)", pub=bpub)
+            cpub = c.room.remote_participants["A"].track_publications[vpub.sid]
+            await wait_size(bst, (W, H), "B (default: top layer)", pub=bpub, peer=cpub)
 
             sizes = {}
             for q, name in ((rtc.VideoQuality.VIDEO_QUALITY_LOW, "LOW"), (rtc.VideoQuality.VIDEO_QUALITY_MEDIUM, "MEDIUM")):
@@ -105,13 +111,13 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
                     lambda: f"B after {name}: expected a smaller layer than {prev}; got {bst.describe()}",
                 )
                 sizes[name] = (bst.width, bst.height)
-                await wait_size(bst, sizes[name], f"B after {name}", pub=bpub)
+                await wait_size(bst, sizes[name], f"B after {name}", pub=bpub, peer=cpub)
                 assert (cst.width, cst.height) == (W, H), f"C must keep the top layer: {cst.describe()}"
             assert sizes["LOW"][0] < sizes["MEDIUM"][0] < W, f"layers must grow LOW < MEDIUM < HIGH: {sizes}"
             for w, h in sizes.values():
                 assert abs(w / h - W / H) < 0.05, f"layer {w}x{h} lost the aspect ratio"
             bpub.set_video_quality(rtc.VideoQuality.VIDEO_QUALITY_HIGH)
-            await wait_size(bst, (W, H), "B after HIGH", pub=bpub)
+            await wait_size(bst, (W, H), "B after HIGH", pub=bpub, peer=cpub)
             assert (cst.width, cst.height) == (W, H), f"C must keep the top layer: {cst.describe()}"
             assert bst.error is None and cst.error is None, (bst.describe(), cst.describe())
 
