@@ -89,3 +89,48 @@ fn every_scenario_and_the_ramp_flow_and_report() {
         "two panels of three lines"
     );
 }
+
+/// Two forwarding workers behind one port (the dispatcher), two rooms, and
+/// the two-connection signaling flavour (the other test uses one).
+#[test]
+fn two_workers_two_rooms_flow() {
+    let bin = server_bin();
+    assert!(bin.is_file(), "moselle binary missing at {}", bin.display());
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke-workers");
+    let _ = std::fs::remove_dir_all(&out);
+    let run = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args([
+            "--smoke",
+            "--quiet",
+            "--scenario",
+            "meeting",
+            "--workers",
+            "2",
+        ])
+        .args(["--rooms", "2", "--signal", "v0", "--no-baseline", "--out"])
+        .arg(&out)
+        .arg("--server-bin")
+        .arg(&bin)
+        .output()
+        .expect("run loadtest");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "loadtest failed\n{stdout}\n{stderr}");
+    let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let e = &report["entries"][0];
+    assert_eq!(e["workers"].as_u64(), Some(2), "{json}");
+    let m = &e["steps"][0];
+    assert_eq!(m["participants"].as_u64(), Some(6), "{json}");
+    assert_eq!(m["join_failures"].as_u64(), Some(0), "{json}");
+    // Everyone in both rooms receives the two others' audio and video.
+    assert!(
+        m["received_pps"].as_f64().is_some_and(|v| v > 100.0),
+        "{json}"
+    );
+    assert!(m["loss"].as_f64().is_some_and(|v| v < 0.05), "{json}");
+    assert!(
+        m["keyframes_received"].as_f64().is_some_and(|v| v > 0.0),
+        "{json}"
+    );
+}
