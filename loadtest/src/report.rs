@@ -172,7 +172,9 @@ impl Report {
             .flat_map(|e| e.steps.iter().map(|m| m.loss * 100.0))
             .fold(2.0f64, f64::max);
         let mut s = String::new();
-        let total_h = 2.0 * h + 60.0;
+        // Two panels, then the legend below them.
+        let legend_y = 2.0 * h + 50.0;
+        let total_h = legend_y + 16.0 * self.entries.len() as f64 + 10.0;
         let _ = writeln!(
             s,
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{total_h}" font-family="sans-serif" font-size="12">"#
@@ -257,8 +259,8 @@ impl Report {
                     let _ = writeln!(
                         s,
                         r#"<text x="{:.1}" y="{:.1}" fill="{color}">{label}</text>"#,
-                        w - 220.0,
-                        y0 + 40.0 + i as f64 * 16.0
+                        pad,
+                        legend_y + i as f64 * 16.0
                     );
                 }
             }
