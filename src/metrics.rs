@@ -141,24 +141,43 @@ pub fn render(media: &MediaCounters, signal: &moselle_signaling::SignalCounters)
 /// The standard Prometheus process metrics, so a load generator (or an
 /// operator) reads the server's CPU time and memory without /proc access.
 fn render_process(s: &mut String) {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    let Some(u) = process_usage(None) else {
         return;
     };
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields counted from the state (field 3 of the man page) at index 0.
-    let cpu = (num(11) + num(12)) / ticks;
-    let rss = num(21) * page;
+    let (cpu, rss) = (u.cpu_seconds, u.rss_bytes);
     let _ = writeln!(
         s,
         "# HELP process_cpu_seconds_total User and system CPU time spent, seconds\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n# HELP process_resident_memory_bytes Resident memory size, bytes\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
     );
+}
+
+/// A process's CPU time and resident memory.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessUsage {
+    /// User plus system time.
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+/// Read `/proc/<pid>/stat` (this process with `None`).
+pub fn process_usage(pid: Option<u32>) -> Option<ProcessUsage> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    // The command name may hold spaces: fields are counted after it, from
+    // the state (field 3 of proc(5)) at index 0.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcessUsage {
+        cpu_seconds: (num(11)? + num(12)?) as f64 / ticks,
+        rss_bytes: num(21)? * page,
+    })
 }
 
 /// Append counters given as (name, help, value).
@@ -168,5 +187,17 @@ pub fn render_counters(s: &mut String, counters: Vec<(&'static str, &'static str
             s,
             "# HELP moselle_{name} {help}\n# TYPE moselle_{name} counter\nmoselle_{name} {v}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_usage_is_read() {
+        let u = process_usage(None).expect("/proc/self/stat");
+        assert!(u.rss_bytes > 0 && u.cpu_seconds >= 0.0, "{u:?}");
+        assert!(process_usage(Some(u32::MAX)).is_none());
     }
 }

@@ -86,6 +86,14 @@ pub fn read_trailer(payload: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(payload[n - 12..n - 4].try_into().ok()?))
 }
 
+/// A cheap pseudo-random step (xorshift64).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 /// Makes the frames of one VP8 layer.
 pub struct Vp8Layer {
     pub spec: LayerSpec,
@@ -103,11 +111,8 @@ impl Vp8Layer {
         let mut x = seed | 1;
         let filler: Vec<u8> = (0..MAX_PAYLOAD * 2)
             .map(|_| {
-                // xorshift: incompressible-looking bytes, as encrypted media is.
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
+                // Incompressible-looking bytes, as encrypted media is.
+                xorshift(&mut x) as u8
             })
             .collect();
         Self {
@@ -197,10 +202,7 @@ impl OpusLoop {
         for n in 0..50 {
             for (i, s) in pcm.iter_mut().enumerate() {
                 let t = (n * 960 + i) as f32 / 48_000.0;
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let noise = (x as i16 as f32) / 32768.0;
+                let noise = (xorshift(&mut x) as i16 as f32) / 32768.0;
                 // A voiced tone with a syllable-rate envelope, plus breath.
                 let env = 0.5 + 0.5 * (t * 4.0 * std::f32::consts::TAU).sin();
                 let v = env * (t * f * std::f32::consts::TAU).sin() * 0.4 + noise * 0.05;

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 
 use crate::client::{self, Ctx, Plan};
 use crate::server::{Sample, Server};
-use crate::stats::{self, Stats};
+use crate::stats::Stats;
+use moselle::metrics::process_usage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -184,7 +185,7 @@ impl Runner {
         s.delay_us.reset();
         let a = snapshot(&s);
         let sa = self.server.sample().await?;
-        let ga = stats::process_cpu_seconds(std::process::id()).unwrap_or(0.0);
+        let ga = process_usage(None).map_or(0.0, |u| u.cpu_seconds);
         let t0 = Instant::now();
         let end = t0 + opts.window;
         let mut last = Instant::now();
@@ -198,7 +199,7 @@ impl Runner {
         }
         let b = snapshot(&s);
         let sb = self.server.sample().await?;
-        let gb = stats::process_cpu_seconds(std::process::id()).unwrap_or(0.0);
+        let gb = process_usage(None).map_or(0.0, |u| u.cpu_seconds);
         let dt = t0.elapsed().as_secs_f64();
         let _ = stop_tx.send(true);
         for t in tasks {

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use moselle::metrics::process_usage;
 
 pub struct Server {
     /// ws:// base for signaling.
@@ -119,13 +120,9 @@ impl Server {
             rtp_in: m("moselle_rtp_packets_in_total").unwrap_or(0.0) as u64,
             send_drops: m("moselle_udp_send_drops_total").unwrap_or(0.0) as u64,
         };
-        if let Some(pid) = self.pid() {
-            if let Some(c) = crate::stats::process_cpu_seconds(pid) {
-                s.cpu_s = c;
-            }
-            if let Some(r) = crate::stats::process_rss_bytes(pid) {
-                s.rss_bytes = r;
-            }
+        if let Some(u) = self.pid().and_then(|p| process_usage(Some(p))) {
+            s.cpu_s = u.cpu_seconds;
+            s.rss_bytes = u.rss_bytes;
         }
         Ok(s)
     }

@@ -15,29 +15,37 @@ fn server_bin() -> PathBuf {
     exe.with_file_name("moselle")
 }
 
-#[test]
-fn every_scenario_and_the_ramp_flow_and_report() {
+/// Run `loadtest --smoke --quiet` with `args` into a fresh directory under
+/// the target dir; returns its stdout and report.json.
+fn run_loadtest(dir: &str, args: &[&str]) -> (String, String) {
     let bin = server_bin();
     assert!(
         bin.is_file(),
         "moselle binary missing at {} (cargo build --workspace, or set MOSELLE_BIN)",
         bin.display()
     );
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke");
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(dir);
     let _ = std::fs::remove_dir_all(&out);
     let run = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["--smoke", "--ramp", "--quiet", "--out"])
+        .args(["--smoke", "--quiet"])
+        .args(args)
+        .arg("--out")
         .arg(&out)
         .arg("--server-bin")
         .arg(&bin)
         .output()
         .expect("run loadtest");
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "loadtest failed\n{stdout}\n{stderr}");
-    assert!(stdout.contains("scenario"), "no summary table:\n{stdout}");
-
     let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    (stdout, json)
+}
+
+#[test]
+fn every_scenario_and_the_ramp_flow_and_report() {
+    let (stdout, json) = run_loadtest("loadtest-smoke", &["--ramp"]);
+    assert!(stdout.contains("scenario"), "no summary table:\n{stdout}");
     let report: serde_json::Value = serde_json::from_str(&json).expect("report.json is JSON");
     let entries = report["entries"].as_array().expect("entries");
     let names: Vec<&str> = entries
@@ -78,6 +86,7 @@ fn every_scenario_and_the_ramp_flow_and_report() {
             "{name}: ratio: {e}"
         );
     }
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke");
     let svg = std::fs::read_to_string(out.join("report.svg")).expect("report.svg");
     assert!(
         svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
@@ -94,29 +103,20 @@ fn every_scenario_and_the_ramp_flow_and_report() {
 /// the two-connection signaling flavour (the other test uses one).
 #[test]
 fn two_workers_two_rooms_flow() {
-    let bin = server_bin();
-    assert!(bin.is_file(), "moselle binary missing at {}", bin.display());
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("loadtest-smoke-workers");
-    let _ = std::fs::remove_dir_all(&out);
-    let run = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args([
-            "--smoke",
-            "--quiet",
+    let (_, json) = run_loadtest(
+        "loadtest-smoke-workers",
+        &[
             "--scenario",
             "meeting",
             "--workers",
             "2",
-        ])
-        .args(["--rooms", "2", "--signal", "v0", "--no-baseline", "--out"])
-        .arg(&out)
-        .arg("--server-bin")
-        .arg(&bin)
-        .output()
-        .expect("run loadtest");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "loadtest failed\n{stdout}\n{stderr}");
-    let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+            "--rooms",
+            "2",
+            "--signal",
+            "v0",
+            "--no-baseline",
+        ],
+    );
     let report: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     let e = &report["entries"][0];
     assert_eq!(e["workers"].as_u64(), Some(2), "{json}");

@@ -155,14 +155,16 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    enum Source {
-        Socket(std::net::UdpSocket, Box<super::udp::UdpRx>),
-        Inbox(Arc<Inbox>, Arc<std::net::UdpSocket>),
-    }
-    let (tx, shared, source) = match io {
+    // Registering the socket needs the runtime's context.
+    let enter = rt.enter();
+    let (tx, shared, mut source) = match io {
         EngineIo::Direct(io) => {
             let UdpIo { socket, rx, tx } = *io;
-            (tx, None, Source::Socket(socket, Box::new(rx)))
+            // The AsyncFd owns the socket, so its fd outlives the
+            // registration and the rx/tx halves that use it.
+            let afd = AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)?;
+            let rx = Box::new(rx);
+            (tx, None, Source::Socket { afd, rx })
         }
         EngineIo::Worker {
             index,
@@ -170,8 +172,17 @@ pub fn run(
             tx,
             socket,
             routes,
-        } => (*tx, Some((index, routes)), Source::Inbox(inbox, socket)),
+        } => (
+            *tx,
+            Some((index, routes)),
+            Source::Inbox {
+                inbox,
+                batch: RxBatch::default(),
+                _socket: socket,
+            },
+        ),
     };
+    drop(enter);
     let mut core = Core {
         cfg,
         tx,
@@ -195,84 +206,81 @@ pub fn run(
         next_quality: Instant::now() + QUALITY_INTERVAL,
     };
     rt.block_on(async move {
-        match source {
-            Source::Socket(socket, mut rx) => {
-                // The AsyncFd owns the socket, so its fd outlives the
-                // registration and the rx/tx halves that use it.
-                #[allow(deprecated)]
-                let afd = AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)?;
-                loop {
-                    let deadline = core.next_deadline();
-                    tokio::select! {
-                        biased;
-                        cmd = commands.recv() => match cmd {
-                            Some(c) => core.command(c),
-                            None => break,
-                        },
-                        guard = afd.readable() => {
-                            let mut guard = guard?;
-                            let mut drained = false;
-                            for _ in 0..BATCHES_PER_TURN {
-                                let n = match rx.recv_batch() {
-                                    Ok(n) => n,
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "media socket receive failed");
-                                        0
-                                    }
-                                };
-                                if n == 0 {
-                                    drained = true;
-                                    break;
-                                }
-                                let now = Instant::now();
-                                for i in 0..n {
-                                    core.datagram(rx.datagram(i), now);
-                                }
-                                MediaCounters::add(&core.counters.udp_datagrams_in, n as u64);
-                                core.flush();
-                            }
-                            if drained {
-                                guard.clear_ready();
-                            }
-                        },
-                        _ = tokio::time::sleep_until(deadline.into()) => {},
-                    }
-                    core.turn();
-                }
-                drop(afd);
+        loop {
+            let deadline = core.next_deadline();
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => match cmd {
+                    Some(c) => core.command(c),
+                    None => break,
+                },
+                r = source.read(&mut core) => r?,
+                _ = tokio::time::sleep_until(deadline.into()) => {},
             }
-            Source::Inbox(inbox, socket) => {
-                let mut batch = RxBatch::default();
-                loop {
-                    let deadline = core.next_deadline();
-                    tokio::select! {
-                        biased;
-                        cmd = commands.recv() => match cmd {
-                            Some(c) => core.command(c),
-                            None => break,
-                        },
-                        _ = inbox.notify.notified() => {
-                            inbox.take(&mut batch);
-                            for i in 0..batch.len() {
-                                let (d, at) = batch.get(i);
-                                core.datagram(d, at);
-                                // Same batching as reading the socket.
-                                if i % BATCH == BATCH - 1 {
-                                    core.flush();
-                                }
-                            }
-                            batch.clear();
-                            core.flush();
-                        },
-                        _ = tokio::time::sleep_until(deadline.into()) => {},
-                    }
-                    core.turn();
-                }
-                drop(socket);
-            }
+            core.turn();
         }
         Ok::<(), std::io::Error>(())
     })
+}
+
+/// Where a worker's datagrams come from, registered with its runtime.
+enum Source {
+    Socket {
+        afd: AsyncFd<std::net::UdpSocket>,
+        rx: Box<super::udp::UdpRx>,
+    },
+    Inbox {
+        inbox: Arc<Inbox>,
+        batch: RxBatch,
+        /// Keeps the shared socket open for this worker's sends.
+        _socket: Arc<std::net::UdpSocket>,
+    },
+}
+
+impl Source {
+    /// Wait for datagrams, then hand them to the core a batch at a time.
+    /// Cancelled only while waiting: everything after is synchronous.
+    async fn read(&mut self, core: &mut Core) -> std::io::Result<()> {
+        match self {
+            Source::Socket { afd, rx } => {
+                let mut guard = afd.readable().await?;
+                for _ in 0..BATCHES_PER_TURN {
+                    let n = match rx.recv_batch() {
+                        Ok(n) => n,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "media socket receive failed");
+                            0
+                        }
+                    };
+                    if n == 0 {
+                        guard.clear_ready();
+                        break;
+                    }
+                    let now = Instant::now();
+                    for i in 0..n {
+                        core.datagram(rx.datagram(i), now);
+                    }
+                    MediaCounters::add(&core.counters.udp_datagrams_in, n as u64);
+                    core.flush();
+                }
+            }
+            Source::Inbox { inbox, batch, .. } => {
+                inbox.notify.notified().await;
+                inbox.take(batch);
+                for i in 0..batch.len() {
+                    let (d, at) = batch.get(i);
+                    core.datagram(d, at);
+                    // Same batching as reading the socket.
+                    if i % BATCH == BATCH - 1 {
+                        core.flush();
+                    }
+                }
+                batch.clear();
+                core.flush();
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Core {
