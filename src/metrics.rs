@@ -15,6 +15,7 @@ pub struct MediaCounters {
     pub rtp_packets_forwarded: AtomicU64,
     pub rtp_bytes_forwarded: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    pub keyframe_requests_ignored: AtomicU64,
     pub sdp_errors: AtomicU64,
     pub signal_errors: AtomicU64,
     pub rooms: AtomicU64,
@@ -100,6 +101,12 @@ impl MediaCounters {
                 "counter",
                 "Keyframe requests sent to publishers",
                 g(&self.keyframe_requests),
+            ),
+            (
+                "keyframe_requests_ignored_total",
+                "counter",
+                "Subscribers' keyframe requests held back because the keyframes sent to them did not help",
+                g(&self.keyframe_requests_ignored),
             ),
             (
                 "sdp_errors_total",

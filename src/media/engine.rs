@@ -604,14 +604,18 @@ impl Core {
         match e {
             Event::RtpPacket(pkt) if role == PcRole::Main => self.forward(key, pkt, now),
             Event::KeyframeRequest(req) => {
-                let Some(p) = self.parts.get(key) else { return };
+                let Some(p) = self.parts.get_mut(key) else {
+                    return;
+                };
                 let Some(sk) = p.sub_for_mid(&req.mid.to_string()) else {
                     return;
                 };
-                let (track, layer) = {
-                    let s = &p.subs[sk];
-                    (s.track, s.fwd.current().unwrap_or(s.fwd.target))
-                };
+                let s = &mut p.subs[sk];
+                if !s.fwd.allow_keyframe_request(now) {
+                    MediaCounters::add(&self.counters.keyframe_requests_ignored, 1);
+                    return;
+                }
+                let (track, layer) = (s.track, s.fwd.current().unwrap_or(s.fwd.target));
                 let room = p.room;
                 self.request_keyframe(room, track, layer, now);
             }

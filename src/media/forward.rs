@@ -2,7 +2,7 @@
 //! sequence number / timestamp rewrite that keeps the outgoing stream
 //! continuous across layer switches. Pure state, no I/O.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A layer index: 0 = lowest (`q`), 2 = highest (`f`).
 pub type Layer = u8;
@@ -30,6 +30,41 @@ pub struct Forwarder {
     last_out_ts: u32,
     last_at: Option<Instant>,
     started: bool,
+    keyframe_gate: KeyframeGate,
+}
+
+/// Keyframe requests from one subscriber. One that asks again soon after
+/// a keyframe reached it was not helped by it (a wrong E2EE key, a broken
+/// decoder); the publisher's keyframes cost every other subscriber, so such
+/// requests are passed on at doubling intervals, up to [`Self::MAX`].
+#[derive(Debug, Clone, Default)]
+struct KeyframeGate {
+    last_request: Option<Instant>,
+    backoff: Duration,
+    keyframe_sent: bool,
+}
+
+impl KeyframeGate {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(8);
+    /// A request this long after the previous one starts afresh.
+    const FORGET: Duration = Duration::from_secs(20);
+
+    fn allow(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last_request {
+            let since = now.saturating_duration_since(last);
+            if since >= Self::FORGET {
+                self.backoff = Duration::ZERO;
+            } else if since < self.backoff {
+                return false;
+            } else if self.keyframe_sent {
+                self.backoff = (self.backoff * 2).clamp(Self::FIRST, Self::MAX);
+            }
+        }
+        self.last_request = Some(now);
+        self.keyframe_sent = false;
+        true
+    }
 }
 
 impl Forwarder {
@@ -46,6 +81,7 @@ impl Forwarder {
             last_out_ts: 0,
             last_at: None,
             started: false,
+            keyframe_gate: KeyframeGate::default(),
         }
     }
 
@@ -56,6 +92,12 @@ impl Forwarder {
     /// Whether a keyframe on the target layer is awaited.
     pub fn wants_keyframe(&self) -> bool {
         self.needs_keyframe && self.current != Some(self.target)
+    }
+
+    /// Whether to pass the subscriber's keyframe request on to the
+    /// publisher (see [`KeyframeGate`]).
+    pub fn allow_keyframe_request(&mut self, now: Instant) -> bool {
+        self.keyframe_gate.allow(now)
     }
 
     /// Decide for one incoming packet of `layer`.
@@ -91,6 +133,9 @@ impl Forwarder {
             self.last_out_ts = out_ts;
             self.last_at = Some(now);
             self.started = true;
+        }
+        if keyframe_start {
+            self.keyframe_gate.keyframe_sent = true;
         }
         Verdict::Forward {
             seq: out_seq,
@@ -200,6 +245,34 @@ mod tests {
                 ts: 7000 + 2970 + 1
             }
         );
+    }
+
+    #[test]
+    fn keyframe_requests_that_keyframes_do_not_answer_back_off() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut f = Forwarder::new(true, 90000, 0);
+        // Without a keyframe in between, requests pass (the publisher side
+        // still throttles per layer).
+        assert!(f.allow_keyframe_request(at(0)));
+        assert!(f.allow_keyframe_request(at(100)));
+        // A subscriber that cannot decode asks every 200 ms; each passed
+        // request brings it a keyframe 50 ms later.
+        let mut passed = Vec::new();
+        let mut seq = 0;
+        for ms in (200..24_000).step_by(200) {
+            if f.allow_keyframe_request(at(ms)) {
+                passed.push(ms);
+                seq += 1;
+                f.on_packet(0, seq, 0, true, at(ms + 50));
+            }
+        }
+        assert_eq!(passed, [200, 400, 1400, 3400, 7400, 15400, 23400]);
+        // Quiet for a while: trusted again.
+        assert!(f.allow_keyframe_request(at(45_000)));
+        f.on_packet(0, seq + 1, 0, true, at(45_050));
+        assert!(f.allow_keyframe_request(at(45_200)));
+        assert!(!f.allow_keyframe_request(at(45_400)));
     }
 
     #[test]

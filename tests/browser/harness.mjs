@@ -168,6 +168,70 @@ export async function inboundVideo(p, from) {
   }, from);
 }
 
+/**
+ * What happened to `from`'s video between publisher `pub` and subscriber
+ * `sub` over `ms`: frames encoded per layer with the encoder's limitation,
+ * and on the subscriber's side frames received, decoded and dropped, losses,
+ * keyframe requests and freezes. For assertions' messages: it tells a slow
+ * publisher from a forwarding fault.
+ */
+export async function videoOver(pub, sub, from, ms) {
+  const outbound = () => pub.page.evaluate(async () => {
+    const out = {};
+    for (const t of window.moselleCall.room.localParticipant.videoTrackPublications.values()) {
+      (await t.track?.getRTCStatsReport())?.forEach((s) => {
+        if (s.type === 'outbound-rtp' && s.kind === 'video') {
+          out[s.rid || '-'] = { enc: s.framesEncoded || 0, sent: s.framesSent || 0, pkts: s.packetsSent || 0,
+                                w: s.frameWidth || 0, fps: s.framesPerSecond || 0,
+                                lim: s.qualityLimitationReason, active: s.active };
+        }
+      });
+    }
+    return out;
+  });
+  const inbound = () => sub.page.evaluate(async (from) => {
+    const rp = [...window.moselleCall.room.remoteParticipants.values()].find((x) => x.identity === from);
+    const t = rp && [...rp.videoTrackPublications.values()][0]?.track;
+    let out = {};
+    (await t?.getRTCStatsReport())?.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') {
+        out = { rx: s.framesReceived || 0, dec: s.framesDecoded || 0, drop: s.framesDropped || 0, pkts: s.packetsReceived || 0,
+                key: s.keyFramesDecoded || 0, lost: s.packetsLost || 0, nack: s.nackCount || 0,
+                pli: s.pliCount || 0, freeze: s.freezeCount || 0, w: s.frameWidth || 0 };
+      }
+    });
+    return out;
+  }, from);
+  const [o0, i0] = [await outbound(), await inbound()];
+  await sleep(ms);
+  const [o1, i1] = [await outbound(), await inbound()];
+  const diff = (a, b) => Object.fromEntries(Object.entries(b).map(([k, v]) => [k, typeof v === 'number' && k !== 'w' && k !== 'fps' ? v - (a[k] || 0) : v]));
+  return {
+    sent: Object.fromEntries(Object.entries(o1).map(([rid, v]) => [rid, diff(o0[rid] || {}, v)])),
+    got: diff(i0, i1),
+  };
+}
+
+/**
+ * Wait until `sub` decodes more than `min` frames of `from`'s video within
+ * one `ms` window. One window right after a change can be short of frames
+ * for reasons outside the server (a top layer the publisher is still
+ * ramping up, a busy machine dropping frames before decode), so windows
+ * repeat until `timeoutMs`; a fault that lasts still fails, with what the
+ * publisher sent and the subscriber got in the last window.
+ */
+export async function keepsDecoding(pub, sub, from, what, { min = 10, ms = 1500, timeoutMs = 12000 } = {}) {
+  let last;
+  try {
+    return await waitFor(what, async () => {
+      last = await videoOver(pub, sub, from, ms);
+      return last.got.dec > min ? last : null;
+    }, timeoutMs, 0);
+  } catch (e) {
+    throw new Error(`${e.message}; last window: ${JSON.stringify(last)}`);
+  }
+}
+
 /** Frames decoded from `from`'s video over `ms`. */
 export async function framesOver(p, from, ms) {
   const a = await inboundVideo(p, from);
