@@ -715,6 +715,9 @@ impl Core {
         }
         let keyframe =
             track.kind == Kind::Video && track.video_codec.is_keyframe_start(&pkt.payload);
+        if let Some(seen) = track.layer_seen.get_mut(layer as usize) {
+            *seen = Some(now);
+        }
         let ext = ExtensionValues {
             audio_level: pkt.header.ext_vals.audio_level,
             voice_activity: pkt.header.ext_vals.voice_activity,
@@ -744,7 +747,7 @@ impl Core {
             {
                 Verdict::Drop => {
                     if sub.fwd.wants_keyframe() {
-                        want_keyframe = Some(sub.fwd.target);
+                        want_keyframe = Some(sub.fwd.goal());
                     }
                 }
                 Verdict::Forward { seq, ts } => {
@@ -1382,6 +1385,7 @@ impl Core {
                 }
             }
         }
+        self.layer_availability(now);
         self.dynacast(now);
         if now >= self.next_quality {
             self.next_quality = now + QUALITY_INTERVAL;

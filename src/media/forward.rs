@@ -18,8 +18,10 @@ pub struct Forwarder {
     clock_rate: u32,
     /// Layer being forwarded; `None` until the first usable packet.
     current: Option<Layer>,
-    /// Layer the subscriber should get.
+    /// Layer the subscriber asked for.
     pub target: Layer,
+    /// Layers the publisher sends now, a bit each; 0 while unknown.
+    available: u8,
     /// Video waits for a keyframe to start or switch; audio never does.
     needs_keyframe: bool,
     seq_offset: i64,
@@ -73,6 +75,7 @@ impl Forwarder {
             clock_rate,
             current: None,
             target,
+            available: 0,
             needs_keyframe: video,
             seq_offset: 0,
             ts_offset: 0,
@@ -89,9 +92,34 @@ impl Forwarder {
         self.current
     }
 
-    /// Whether a keyframe on the target layer is awaited.
+    /// Whether a keyframe on the goal layer is awaited.
     pub fn wants_keyframe(&self) -> bool {
-        self.needs_keyframe && self.current != Some(self.target)
+        self.needs_keyframe && self.current != Some(self.goal())
+    }
+
+    /// Tell which layers the publisher sends now (bit `1 << layer` each).
+    pub fn set_available(&mut self, layers: u8) {
+        self.available = layers;
+    }
+
+    pub fn available(&self) -> u8 {
+        self.available
+    }
+
+    /// The layer to forward: the target if the publisher sends it, else
+    /// the best it sends below, else the lowest above; the target while
+    /// nothing is known. A publisher short of bandwidth stops its top
+    /// layer, and its subscribers must not freeze until it returns.
+    #[inline]
+    pub fn goal(&self) -> Layer {
+        let below = self.available & ((2u16 << self.target) - 1) as u8;
+        if below != 0 {
+            (7 - below.leading_zeros()) as Layer
+        } else if self.available != 0 {
+            self.available.trailing_zeros() as Layer
+        } else {
+            self.target
+        }
     }
 
     /// Whether to pass the subscriber's keyframe request on to the
@@ -114,7 +142,7 @@ impl Forwarder {
             let switch = if !self.needs_keyframe {
                 self.current.is_none()
             } else {
-                layer == self.target && keyframe_start
+                layer == self.goal() && keyframe_start
             };
             // Fall back to any layer with a keyframe while nothing flows yet.
             let bootstrap = self.needs_keyframe && self.current.is_none() && keyframe_start;
@@ -245,6 +273,41 @@ mod tests {
                 ts: 7000 + 2970 + 1
             }
         );
+    }
+
+    #[test]
+    fn falls_back_to_the_layers_the_publisher_sends() {
+        let t = Instant::now();
+        let mut f = Forwarder::new(true, 90000, 2);
+        assert_eq!(f.goal(), 2, "nothing known: the target");
+        f.on_packet(2, 1, 0, true, t);
+        assert_eq!(f.current(), Some(2));
+        // The publisher stops its top layer: the best one below is next.
+        f.set_available(0b011);
+        assert_eq!(f.goal(), 1);
+        assert!(f.wants_keyframe());
+        assert_eq!(f.on_packet(0, 50, 0, true, t), Verdict::Drop);
+        assert!(matches!(
+            f.on_packet(1, 70, 0, true, t),
+            Verdict::Forward { seq: 2, .. }
+        ));
+        assert!(!f.wants_keyframe());
+        // Only a layer above the target flows: take it rather than nothing.
+        f.target = 0;
+        f.set_available(0b100);
+        assert_eq!(f.goal(), 2);
+        // The top layer is back: the subscriber who wants it gets it.
+        f.target = 2;
+        f.set_available(0b111);
+        assert_eq!(f.goal(), 2);
+        assert!(f.wants_keyframe());
+        assert!(matches!(
+            f.on_packet(2, 9, 0, true, t),
+            Verdict::Forward { seq: 3, .. }
+        ));
+        // A lower target is served exactly when it flows.
+        f.target = 1;
+        assert_eq!(f.goal(), 1);
     }
 
     #[test]

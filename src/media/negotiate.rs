@@ -228,9 +228,11 @@ impl Core {
             sub.pt_map = map;
             sub.mid = Some(Mid::from(mid.as_str()));
             sub.live = true;
+            let available = sub.fwd.available();
             sub.fwd = Forwarder::new(kind == Kind::Video, clock, sub.fwd.target);
+            sub.fwd.set_available(available);
             if kind == Kind::Video {
-                kf.push((tk, sub.fwd.target));
+                kf.push((tk, sub.fwd.goal()));
             }
         }
         let now = Instant::now();

@@ -211,6 +211,8 @@ impl Core {
                 rids,
                 dims,
                 layer_ssrc: [None; MAX_LAYERS],
+                layer_seen: [None; MAX_LAYERS],
+                available: 0,
                 last_keyframe_request: [None; MAX_LAYERS],
                 subscribers: Vec::new(),
                 meter: Default::default(),

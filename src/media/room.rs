@@ -1,6 +1,6 @@
 //! A room and the tracks published in it. Owned by the engine thread.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use livekit_protocol as lk;
 use slab::Slab;
@@ -13,6 +13,9 @@ use super::speakers::LevelMeter;
 
 /// Most simulcast layers a track may have (`q`, `h`, `f`).
 pub const MAX_LAYERS: usize = 3;
+
+/// A simulcast layer without a packet for this long counts as stopped.
+pub const LAYER_STALE: Duration = Duration::from_secs(1);
 
 pub struct Track {
     pub sid: String,
@@ -30,6 +33,10 @@ pub struct Track {
     /// Incoming SSRC per layer, learnt from the first packet.
     pub layer_ssrc: [Option<Ssrc>; MAX_LAYERS],
     pub last_keyframe_request: [Option<Instant>; MAX_LAYERS],
+    /// When each layer last brought a packet, and the layers that did
+    /// within [`LAYER_STALE`] at the last look (a bit each).
+    pub layer_seen: [Option<Instant>; MAX_LAYERS],
+    pub available: u8,
     /// (subscriber participant key, its subscription key).
     pub subscribers: Vec<(usize, usize)>,
     pub meter: LevelMeter,

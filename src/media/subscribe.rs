@@ -9,6 +9,7 @@ use lk::signal_response::Message as Resp;
 use super::engine::{quality_layer, rejoin, Core};
 use super::forward::{layer_for_size, Forwarder};
 use super::participant::{SlotState, Sub};
+use super::room::LAYER_STALE;
 use super::sdp::Kind;
 
 impl Core {
@@ -43,7 +44,11 @@ impl Core {
             slot: None,
             live: false,
             disabled: false,
-            fwd: Forwarder::new(video, t.clock_rate(), t.top_layer()),
+            fwd: {
+                let mut f = Forwarder::new(video, t.clock_rate(), t.top_layer());
+                f.set_available(t.available);
+                f
+            },
             mid: None,
             pt_map: Vec::new(),
         };
@@ -169,13 +174,40 @@ impl Core {
                 let l = l.min(top);
                 if sub.fwd.target != l {
                     sub.fwd.target = l;
-                    need_kf.push((sub.track, l));
+                    need_kf.push((sub.track, sub.fwd.goal()));
                 }
             }
         }
         let now = Instant::now();
         for (tk, l) in need_kf {
             self.request_keyframe(room, tk, l, now);
+        }
+    }
+
+    /// Note which simulcast layers each publisher sends now and tell the
+    /// subscribers' forwarders when that changes (see `Forwarder::goal`).
+    pub(super) fn layer_availability(&mut self, now: Instant) {
+        for (_, room) in self.rooms.iter_mut() {
+            for (_, t) in room.tracks.iter_mut() {
+                if t.kind != Kind::Video {
+                    continue;
+                }
+                let mut mask = 0u8;
+                for (l, seen) in t.layer_seen.iter().enumerate() {
+                    if seen.is_some_and(|at| now.saturating_duration_since(at) < LAYER_STALE) {
+                        mask |= 1 << l;
+                    }
+                }
+                if mask == t.available {
+                    continue;
+                }
+                t.available = mask;
+                for &(sp, sk) in &t.subscribers {
+                    if let Some(sub) = self.parts.get_mut(sp).and_then(|p| p.subs.get_mut(sk)) {
+                        sub.fwd.set_available(mask);
+                    }
+                }
+            }
         }
     }
 

@@ -4,13 +4,9 @@
 // with the wrong key decodes nothing.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { useServerAndBrowser, openCall, inboundVideo, keepsDecoding, waitFor, sleep } from './harness.mjs';
+import { useServerAndBrowser, openCall, inboundVideo, keepsDecoding, sizeVideoOf, waitFor, sleep } from './harness.mjs';
 
 const env = useServerAndBrowser({ before, after });
-
-const sizeVideoOf = (p, who, w, h) => p.page.addStyleTag({
-  content: `#tile-${who} { width: ${w}px; height: ${h}px; aspect-ratio: auto; } #tile-${who} video { width: ${w}px; height: ${h}px; }`,
-});
 
 test('E2EE: same key decodes and switches layers by element size; wrong key decodes nothing', async () => {
   const room = `e2ee-${Date.now()}`;

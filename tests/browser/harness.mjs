@@ -148,6 +148,11 @@ export async function openCall(browser, server, opts) {
   return { context, page, errors, name: opts.name };
 }
 
+/** Give `who`'s video tile on this page a fixed size (adaptive stream asks for a layer by it). */
+export const sizeVideoOf = (p, who, w, h) => p.page.addStyleTag({
+  content: `#tile-${who} { width: ${w}px; height: ${h}px; aspect-ratio: auto; } #tile-${who} video { width: ${w}px; height: ${h}px; }`,
+});
+
 /** Inbound video stats of the track `from` publishes, as this page sees it. */
 export async function inboundVideo(p, from) {
   return p.page.evaluate(async (from) => {

@@ -3,7 +3,7 @@
 // follow who talks, and connection quality updates.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { useServerAndBrowser, openCall, inboundVideo, waitFor, sleep } from './harness.mjs';
+import { useServerAndBrowser, openCall, inboundVideo, keepsDecoding, sizeVideoOf, waitFor, sleep } from './harness.mjs';
 
 const env = useServerAndBrowser({ before, after });
 
@@ -62,6 +62,37 @@ test('a hidden video stops flowing; dynacast pauses what nobody watches; both co
   }, 15000);
   const resumed = await encodedOver(alice, 1000);
   assert.ok(Object.values(resumed).some((n) => n > 5), `a layer is encoded again: ${JSON.stringify(resumed)}`);
+  for (const p of [alice, bob]) await p.context.close();
+});
+
+/** Start or stop one simulcast layer of the page's camera, as a browser short of uplink bandwidth does. */
+const setLayerActive = (p, rid, active) => p.page.evaluate(async ([rid, active]) => {
+  const pub = [...window.moselleCall.room.localParticipant.videoTrackPublications.values()][0];
+  const sender = pub.track.sender;
+  const params = sender.getParameters();
+  for (const e of params.encodings) if (e.rid === rid) e.active = active;
+  await sender.setParameters(params);
+}, [rid, active]);
+
+test('when the publisher stops the top layer, its subscriber gets the next one down, then the top again', async () => {
+  const room = `fallback-${Date.now()}`;
+  const alice = await openCall(env.browser, env.server, { room, name: 'Alice' });
+  const bob = await openCall(env.browser, env.server, { room, name: 'Bob', query: { media: '0' } });
+  await sizeVideoOf(bob, 'Alice', 1280, 720);
+  const width = async () => (await inboundVideo(bob, 'Alice'))?.width || 0;
+  await waitFor('Bob to receive the top layer', async () => (await width()) >= 1280, 30000);
+
+  await setLayerActive(alice, 'f', false);
+  const fell = await waitFor('Bob to fall back to a lower layer', async () => {
+    const w = await width();
+    return w > 0 && w < 1280 ? w : null;
+  }, 10000);
+  await keepsDecoding(alice, bob, 'Alice', 'Bob to keep decoding the lower layer');
+
+  await setLayerActive(alice, 'f', true);
+  await waitFor('Bob to return to the top layer', async () => (await width()) >= 1280, 20000);
+  await keepsDecoding(alice, bob, 'Alice', 'Bob to keep decoding the top layer');
+  console.log(`fallback while the top layer was off: ${fell} px wide`);
   for (const p of [alice, bob]) await p.context.close();
 });
 
