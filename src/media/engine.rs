@@ -715,8 +715,11 @@ impl Core {
         }
         let keyframe =
             track.kind == Kind::Video && track.video_codec.is_keyframe_start(&pkt.payload);
-        if let Some(seen) = track.layer_seen.get_mut(layer as usize) {
-            *seen = Some(now);
+        // Padding (bandwidth probes) does not show that a layer flows.
+        if !pkt.payload.is_empty() {
+            if let Some(seen) = track.layer_seen.get_mut(layer as usize) {
+                *seen = Some(now);
+            }
         }
         let ext = ExtensionValues {
             audio_level: pkt.header.ext_vals.audio_level,

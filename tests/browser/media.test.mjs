@@ -32,11 +32,14 @@ test('a hidden video stops flowing; dynacast pauses what nobody watches; both co
   const room = `adaptive-${Date.now()}`;
   const alice = await openCall(env.browser, env.server, { room, name: 'Alice' });
   const bob = await openCall(env.browser, env.server, { room, name: 'Bob', query: { media: '0' } });
+  // A large tile: Bob wants the top layer, so dynacast keeps all three on
+  // while Alice's bandwidth estimate ramps up to them.
+  await sizeVideoOf(bob, 'Alice', 1280, 720);
   await waitFor("Bob to decode Alice", async () => (await inboundVideo(bob, 'Alice'))?.framesDecoded > 10, 20000);
   const layers = await waitFor('Alice to send three layers', async () => {
     const g = await encodedOver(alice, 1000);
     return Object.keys(g).length === 3 && Object.values(g).every((n) => n > 5) ? g : null;
-  }, 20000);
+  }, 30000);
   assert.deepEqual(Object.keys(layers).sort(), ['f', 'h', 'q']);
 
   await setHidden(bob, 'Alice', true);
