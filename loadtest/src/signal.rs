@@ -3,7 +3,6 @@
 //! real SDK sends.
 
 use anyhow::{anyhow, bail, Context};
-use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use livekit_protocol as lk;
 use lk::signal_request::Message as Req;
@@ -43,11 +42,7 @@ pub async fn connect(
             }),
             ..Default::default()
         };
-        let wrapped = lk::WrappedJoinRequest {
-            compression: lk::wrapped_join_request::Compression::None as i32,
-            join_request: join.encode_to_vec(),
-        };
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(wrapped.encode_to_vec());
+        let b64 = moselle::signaling::join::encode_join_request(&join);
         format!("{base}/rtc/v1?access_token={token}&join_request={b64}")
     } else {
         format!(

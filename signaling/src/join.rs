@@ -102,6 +102,16 @@ pub fn parse_v1(q: &HashMap<String, String>) -> Result<JoinOptions, JoinParseErr
     })
 }
 
+/// The `/rtc/v1` `join_request` parameter for `join`, as current SDKs send
+/// it: an uncompressed `WrappedJoinRequest`, base64url without padding.
+pub fn encode_join_request(join: &lk::JoinRequest) -> String {
+    let wrapped = lk::WrappedJoinRequest {
+        compression: lk::wrapped_join_request::Compression::None as i32,
+        join_request: join.encode_to_vec(),
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(wrapped.encode_to_vec())
+}
+
 /// base64url (padding optional) of a `WrappedJoinRequest`, possibly gzipped.
 pub fn decode_join_request(raw: &str) -> Result<lk::JoinRequest, JoinParseError> {
     if raw.len() > MAX_JOIN_REQUEST * 2 {
@@ -180,6 +190,16 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn encoded_join_request_decodes_to_itself() {
+        let req = sample();
+        assert_eq!(encode_join_request(&req), encode(&req, false, false));
+        assert_eq!(
+            decode_join_request(&encode_join_request(&req)).unwrap(),
+            req
+        );
     }
 
     #[test]

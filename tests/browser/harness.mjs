@@ -166,53 +166,48 @@ export async function inboundVideo(p, from) {
     report?.forEach((s) => {
       if (s.type === 'inbound-rtp' && s.kind === 'video') {
         out = { framesDecoded: s.framesDecoded || 0, width: s.frameWidth || 0, height: s.frameHeight || 0,
-                nackCount: s.nackCount || 0, bytes: s.bytesReceived || 0, keyFrames: s.keyFramesDecoded || 0 };
+                nackCount: s.nackCount || 0, bytes: s.bytesReceived || 0, keyFrames: s.keyFramesDecoded || 0,
+                framesReceived: s.framesReceived || 0, framesDropped: s.framesDropped || 0,
+                packets: s.packetsReceived || 0, packetsLost: s.packetsLost || 0,
+                pliCount: s.pliCount || 0, freezeCount: s.freezeCount || 0 };
       }
     });
     return out;
   }, from);
 }
 
-/**
- * What happened to `from`'s video between publisher `pub` and subscriber
- * `sub` over `ms`: frames encoded per layer with the encoder's limitation,
- * and on the subscriber's side frames received, decoded and dropped, losses,
- * keyframe requests and freezes. For assertions' messages: it tells a slow
- * publisher from a forwarding fault.
- */
-export async function videoOver(pub, sub, from, ms) {
-  const outbound = () => pub.page.evaluate(async () => {
+/** Outbound stats of the page's own camera, per simulcast layer (rid, or `single`). */
+export async function outboundVideo(p) {
+  return p.page.evaluate(async () => {
+    const pub = [...window.moselleCall.room.localParticipant.videoTrackPublications.values()][0];
     const out = {};
-    for (const t of window.moselleCall.room.localParticipant.videoTrackPublications.values()) {
-      (await t.track?.getRTCStatsReport())?.forEach((s) => {
-        if (s.type === 'outbound-rtp' && s.kind === 'video') {
-          out[s.rid || '-'] = { enc: s.framesEncoded || 0, sent: s.framesSent || 0, pkts: s.packetsSent || 0,
-                                w: s.frameWidth || 0, fps: s.framesPerSecond || 0,
-                                lim: s.qualityLimitationReason, active: s.active };
-        }
-      });
-    }
-    return out;
-  });
-  const inbound = () => sub.page.evaluate(async (from) => {
-    const rp = [...window.moselleCall.room.remoteParticipants.values()].find((x) => x.identity === from);
-    const t = rp && [...rp.videoTrackPublications.values()][0]?.track;
-    let out = {};
-    (await t?.getRTCStatsReport())?.forEach((s) => {
-      if (s.type === 'inbound-rtp' && s.kind === 'video') {
-        out = { rx: s.framesReceived || 0, dec: s.framesDecoded || 0, drop: s.framesDropped || 0, pkts: s.packetsReceived || 0,
-                key: s.keyFramesDecoded || 0, lost: s.packetsLost || 0, nack: s.nackCount || 0,
-                pli: s.pliCount || 0, freeze: s.freezeCount || 0, w: s.frameWidth || 0 };
+    (await pub?.track?.sender?.getStats())?.forEach((s) => {
+      if (s.type === 'outbound-rtp') {
+        out[s.rid || 'single'] = { framesEncoded: s.framesEncoded || 0, framesSent: s.framesSent || 0,
+                                   packets: s.packetsSent || 0, width: s.frameWidth || 0,
+                                   fps: s.framesPerSecond || 0, limitation: s.qualityLimitationReason };
       }
     });
     return out;
-  }, from);
-  const [o0, i0] = [await outbound(), await inbound()];
+  });
+}
+
+/**
+ * What happened to `from`'s video between publisher `pub` and subscriber
+ * `sub` over `ms`: per layer what the publisher encoded and sent, and what
+ * the subscriber received, decoded and dropped, with losses, keyframes,
+ * PLIs and freezes. For assertions' messages: it tells a slow publisher
+ * from a forwarding fault.
+ */
+export async function videoOver(pub, sub, from, ms) {
+  const gauges = new Set(['width', 'height', 'fps', 'limitation']);
+  const diff = (a, b) => Object.fromEntries(Object.entries(b || {})
+    .map(([k, v]) => [k, typeof v === 'number' && !gauges.has(k) ? v - ((a || {})[k] || 0) : v]));
+  const [o0, i0] = [await outboundVideo(pub), await inboundVideo(sub, from)];
   await sleep(ms);
-  const [o1, i1] = [await outbound(), await inbound()];
-  const diff = (a, b) => Object.fromEntries(Object.entries(b).map(([k, v]) => [k, typeof v === 'number' && k !== 'w' && k !== 'fps' ? v - (a[k] || 0) : v]));
+  const [o1, i1] = [await outboundVideo(pub), await inboundVideo(sub, from)];
   return {
-    sent: Object.fromEntries(Object.entries(o1).map(([rid, v]) => [rid, diff(o0[rid] || {}, v)])),
+    sent: Object.fromEntries(Object.entries(o1).map(([rid, v]) => [rid, diff(o0[rid], v)])),
     got: diff(i0, i1),
   };
 }
@@ -230,7 +225,7 @@ export async function keepsDecoding(pub, sub, from, what, { min = 10, ms = 1500,
   try {
     return await waitFor(what, async () => {
       last = await videoOver(pub, sub, from, ms);
-      return last.got.dec > min ? last : null;
+      return last.got.framesDecoded > min ? last : null;
     }, timeoutMs, 0);
   } catch (e) {
     throw new Error(`${e.message}; last window: ${JSON.stringify(last)}`);

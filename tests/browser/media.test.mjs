@@ -3,19 +3,12 @@
 // follow who talks, and connection quality updates.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { useServerAndBrowser, openCall, inboundVideo, keepsDecoding, sizeVideoOf, waitFor, sleep } from './harness.mjs';
+import { useServerAndBrowser, openCall, inboundVideo, outboundVideo, keepsDecoding, sizeVideoOf, waitFor, sleep } from './harness.mjs';
 
 const env = useServerAndBrowser({ before, after });
 
 /** framesEncoded per simulcast layer (rid) of the page's own camera. */
-const encoded = (p) => p.page.evaluate(async () => {
-  const pub = [...window.moselleCall.room.localParticipant.videoTrackPublications.values()][0];
-  const out = {};
-  (await pub.track.sender.getStats()).forEach((s) => {
-    if (s.type === 'outbound-rtp') out[s.rid || 'single'] = s.framesEncoded || 0;
-  });
-  return out;
-});
+const encoded = async (p) => Object.fromEntries(Object.entries(await outboundVideo(p)).map(([rid, v]) => [rid, v.framesEncoded]));
 
 async function encodedOver(p, ms) {
   const a = await encoded(p);

@@ -86,11 +86,7 @@ pub fn join_request_b64() -> String {
         }),
         ..Default::default()
     };
-    let wrapped = lk::WrappedJoinRequest {
-        compression: 0,
-        join_request: inner.encode_to_vec(),
-    };
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(wrapped.encode_to_vec())
+    moselle::signaling::join::encode_join_request(&inner)
 }
 
 pub fn b64url(bytes: &[u8]) -> String {
