@@ -120,9 +120,26 @@ pub struct RtcConfig {
     pub pli_throttle_ms: u64,
     /// Forwarding worker threads; 0 = automatic (see `worker_count`).
     pub workers: usize,
+    /// ICE over TCP (passive candidates) for networks that block UDP.
+    pub ice_tcp: bool,
+    /// Its port; 0: any free port.
+    pub tcp_port: u16,
+    pub tcp_max_connections: usize,
+    pub tcp_max_connections_per_address: usize,
+    pub tcp_first_stun_timeout_ms: u64,
+    pub tcp_idle_timeout_secs: u64,
 }
 
 impl RtcConfig {
+    pub fn tcp_limits(&self) -> crate::transport::tcp::TcpLimits {
+        crate::transport::tcp::TcpLimits {
+            max_connections: self.tcp_max_connections,
+            max_per_address: self.tcp_max_connections_per_address,
+            first_stun_timeout: std::time::Duration::from_millis(self.tcp_first_stun_timeout_ms),
+            idle_timeout: std::time::Duration::from_secs(self.tcp_idle_timeout_secs),
+        }
+    }
+
     /// The worker count to run: `workers`, or one per available core less
     /// the one the dispatcher and signaling need once there are several
     /// workers; so one worker (no hand-off) on two cores or fewer, where the
@@ -231,6 +248,19 @@ impl Config {
                 "cluster.node_ttl_secs must exceed cluster.heartbeat_secs".into(),
             ));
         }
+        let r = &self.rtc;
+        if r.ice_tcp
+            && (r.tcp_max_connections == 0
+                || r.tcp_max_connections_per_address == 0
+                || r.tcp_first_stun_timeout_ms == 0
+                || r.tcp_idle_timeout_secs == 0)
+        {
+            return Err(ConfigError::Invalid(
+                "rtc.tcp_max_connections, tcp_max_connections_per_address, \
+                 tcp_first_stun_timeout_ms and tcp_idle_timeout_secs must be positive"
+                    .into(),
+            ));
+        }
         let m = &self.matrix;
         if m.enabled {
             if m.membership.homeserver_url.is_empty() || m.membership.access_token.is_empty() {
@@ -264,6 +294,8 @@ mod tests {
         let c = Config::embedded().unwrap();
         assert_eq!(c.server.http_port, 7880);
         assert_eq!(c.server.udp_port, 7882);
+        assert_eq!(c.rtc.tcp_port, 7881);
+        assert!(c.rtc.ice_tcp);
         assert!(c.room.auto_create);
         assert_eq!(c.server.jurisdiction, "LU");
     }

@@ -10,5 +10,6 @@ pub mod media;
 pub mod metrics;
 pub mod netinfo;
 pub mod server;
+pub mod transport;
 
 pub use moselle_signaling as signaling;

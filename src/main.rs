@@ -43,6 +43,12 @@ enum Cmd {
         http_port: Option<u16>,
         #[arg(long)]
         udp_port: Option<u16>,
+        /// ICE-TCP port (`[rtc] tcp_port`; 0: any free port).
+        #[arg(long)]
+        tcp_port: Option<u16>,
+        /// No ICE over TCP (`[rtc] ice_tcp = false`).
+        #[arg(long)]
+        no_ice_tcp: bool,
         /// Forwarding worker threads (default: `[rtc] workers`, 0 = one per core).
         #[arg(long)]
         workers: Option<usize>,
@@ -129,6 +135,8 @@ fn main() -> anyhow::Result<()> {
             bind,
             http_port,
             udp_port,
+            tcp_port,
+            no_ice_tcp,
             workers,
             node_ips,
             log_json,
@@ -143,6 +151,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(p) = udp_port {
                 config.server.udp_port = p;
+            }
+            if let Some(p) = tcp_port {
+                config.rtc.tcp_port = p;
+            }
+            if no_ice_tcp {
+                config.rtc.ice_tcp = false;
             }
             if let Some(w) = workers {
                 config.rtc.workers = w;

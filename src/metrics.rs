@@ -11,6 +11,15 @@ pub struct MediaCounters {
     pub udp_rejected: AtomicU64,
     pub udp_send_drops: AtomicU64,
     pub udp_overload_drops: AtomicU64,
+    pub tcp_connections: AtomicU64,
+    pub tcp_accepted: AtomicU64,
+    pub tcp_refused: AtomicU64,
+    pub tcp_rejected: AtomicU64,
+    pub tcp_timeouts: AtomicU64,
+    pub tcp_bad_frames: AtomicU64,
+    pub tcp_frames_in: AtomicU64,
+    pub tcp_frames_rejected: AtomicU64,
+    pub tcp_send_drops: AtomicU64,
     pub rtp_packets_in: AtomicU64,
     pub rtp_packets_forwarded: AtomicU64,
     pub rtp_bytes_forwarded: AtomicU64,
@@ -41,6 +50,11 @@ impl MediaCounters {
         }
     }
 
+    /// A gauge one owner keeps.
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Ordering::Relaxed);
+    }
+
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
@@ -65,6 +79,60 @@ impl MediaCounters {
                 "counter",
                 "UDP datagrams dropped because their forwarding worker was too far behind",
                 g(&self.udp_overload_drops),
+            ),
+            (
+                "tcp_connections",
+                "gauge",
+                "Open ICE-TCP connections",
+                g(&self.tcp_connections),
+            ),
+            (
+                "tcp_accepted_total",
+                "counter",
+                "ICE-TCP connections accepted",
+                g(&self.tcp_accepted),
+            ),
+            (
+                "tcp_refused_total",
+                "counter",
+                "ICE-TCP connections refused at once: over the limit in all or per source address",
+                g(&self.tcp_refused),
+            ),
+            (
+                "tcp_rejected_total",
+                "counter",
+                "ICE-TCP connections closed because their first frame was no STUN request for a known peer",
+                g(&self.tcp_rejected),
+            ),
+            (
+                "tcp_timeouts_total",
+                "counter",
+                "ICE-TCP connections closed for silence: no first STUN request in time, or idle",
+                g(&self.tcp_timeouts),
+            ),
+            (
+                "tcp_bad_frames_total",
+                "counter",
+                "ICE-TCP connections closed for a frame of length 0 or over the limit",
+                g(&self.tcp_bad_frames),
+            ),
+            (
+                "tcp_frames_in_total",
+                "counter",
+                "ICE-TCP frames received",
+                g(&self.tcp_frames_in),
+            ),
+            (
+                "tcp_frames_rejected_total",
+                "counter",
+                "ICE-TCP frames matching no peer, or refused by it",
+                g(&self.tcp_frames_rejected),
+            ),
+            (
+                "tcp_send_drops_total",
+                "counter",
+                "ICE-TCP frames dropped on sending: the connection's output was full or gone",
+                g(&self.tcp_send_drops),
             ),
             (
                 "udp_rejected_total",

@@ -19,12 +19,14 @@ use crate::matrix::service::TokenService;
 use crate::media::engine::Directory;
 use crate::media::engine::EngineConfig;
 use crate::media::handle::MediaHandle;
-use crate::media::udp::UdpIo;
 use crate::netinfo;
+use crate::transport::udp::UdpIo;
 
 pub struct Running {
     pub http_addr: SocketAddr,
     pub udp_port: u16,
+    /// The ICE-TCP port, if on.
+    pub tcp_port: Option<u16>,
     pub media: Arc<MediaHandle>,
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -38,6 +40,24 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         )
     })?;
     let udp_port = udp.local_port();
+    let tcp = if cfg.rtc.ice_tcp {
+        let l = std::net::TcpListener::bind((cfg.server.bind, cfg.rtc.tcp_port)).with_context(
+            || {
+                format!(
+                    "cannot bind the ICE-TCP port {}:{} (rtc.tcp_port; rtc.ice_tcp = false turns it off)",
+                    cfg.server.bind, cfg.rtc.tcp_port
+                )
+            },
+        )?;
+        Some(l)
+    } else {
+        None
+    };
+    let tcp_port = tcp
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?
+        .map(|a| a.port());
     let ips = netinfo::announce_ips(&cfg.server.node_ips, cfg.server.bind);
     let engine_cfg = EngineConfig {
         node_id: cfg.server.node_id.clone(),
@@ -46,6 +66,9 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             .iter()
             .map(|ip| SocketAddr::new(*ip, udp_port))
             .collect(),
+        tcp_candidates: tcp_port
+            .map(|port| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
+            .unwrap_or_default(),
         auto_create: cfg.room.auto_create,
         empty_timeout_secs: cfg.room.empty_timeout_secs,
         departure_timeout_secs: cfg.room.departure_timeout_secs,
@@ -114,6 +137,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     let media = MediaHandle::start(
         engine_cfg,
         udp,
+        tcp.map(|l| (l, cfg.rtc.tcp_limits())),
         workers,
         KeySet::new(cfg.keys.clone()),
         local_rooms,
@@ -125,6 +149,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     tracing::info!(
         http_port = http_addr.port(),
         udp_port,
+        tcp_port = tcp_port.unwrap_or(0),
         candidates = ips.len(),
         workers,
         node = %cfg.server.node_id,
@@ -199,6 +224,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     Ok(Running {
         http_addr,
         udp_port,
+        tcp_port,
         media,
         server,
     })

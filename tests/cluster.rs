@@ -110,7 +110,8 @@ impl Node {
             .replace("node_ttl_secs = 6", "node_ttl_secs = 3")
             .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
             .replace("http_port = 7880", &format!("http_port = {http}"))
-            .replace("udp_port = 7882", "udp_port = 0");
+            .replace("udp_port = 7882", "udp_port = 0")
+            .replace("tcp_port = 7881", "tcp_port = 0");
         let cfg = dir.join("moselle.toml");
         std::fs::write(&cfg, text).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_moselle"))

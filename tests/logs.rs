@@ -91,6 +91,7 @@ async fn serve_log_json_has_json_lines_and_no_ip_addresses() {
         .args(["serve", "--dev", "--log-json", "--bind", "127.0.0.1"])
         .args(["--http-port", &http_port.to_string()])
         .args(["--udp-port", &udp_port.to_string()])
+        .args(["--tcp-port", "0"])
         .env_remove("RUST_LOG")
         .env_remove("MOSELLE_CONFIG")
         .stdin(Stdio::null())

@@ -2,7 +2,7 @@
 //! the per-packet work no SFU can avoid. Each packet is SRTP-decrypted once
 //! (AEAD AES-GCM, the profile str0m picks) and re-encrypted for each
 //! subscriber under that subscriber's SSRC and sequence number, with the
-//! server's own batched socket code (`moselle::media::udp`: recvmmsg /
+//! server's own batched socket code (`moselle::transport::udp`: recvmmsg /
 //! sendmmsg, 64 per call). No ICE, DTLS, RTCP, layer selection or
 //! bookkeeping: the SFU's cost divided by this one is its overhead factor.
 
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use moselle::media::udp::UdpIo;
+use moselle::transport::udp::UdpIo;
 use serde::Serialize;
 
 use crate::scenario::Measurement;

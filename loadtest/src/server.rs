@@ -44,6 +44,7 @@ impl Server {
         }
         let http_port = free_port(ip)?;
         let udp_port = free_port(ip)?;
+        let tcp_port = free_port(ip)?;
         let log_path = out_dir.join("server.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("create {}", log_path.display()))?;
@@ -51,6 +52,7 @@ impl Server {
         cmd.args(["serve", "--dev", "--bind", &ip.to_string()])
             .args(["--http-port", &http_port.to_string()])
             .args(["--udp-port", &udp_port.to_string()])
+            .args(["--tcp-port", &tcp_port.to_string()])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

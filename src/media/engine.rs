@@ -1,9 +1,8 @@
 //! The media engine: a forwarding worker thread owning its rooms, their
-//! participants and their str0m peer connections. With one worker it owns
-//! the UDP socket too; with several, the dispatcher (`dispatch.rs`) reads
-//! the socket and hands each worker its datagrams. Signaling reaches a
-//! worker through its command channel; it answers through each
-//! participant's outbound queue.
+//! participants and their str0m peer connections. Its datagrams come from
+//! the transport layer (`crate::transport`: UDP, ICE over TCP, demux),
+//! whatever path they took. Signaling reaches a worker through its command
+//! channel; it answers through each participant's outbound queue.
 //!
 //! Why one thread per room: a room's forwarding then needs no locks, and a
 //! packet is received, rewritten and queued for every subscriber without a
@@ -26,19 +25,22 @@ use moselle_signaling::ids;
 use moselle_signaling::join::Flavor;
 use slab::Slab;
 use str0m::media::KeyframeRequestKind;
+use str0m::net::TcpType;
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
-use super::dispatch::{Inbox, RxBatch, UfragMap, UfragRoutes};
 use super::forward::{Layer, Verdict};
 use super::participant::{Participant, PcRole, Peer, SubscriberPeer};
 use super::room::{now_ms, Room, MAX_LAYERS};
 use super::sdp::Kind;
-use super::udp::{Datagram, UdpIo, UdpTx, BATCH};
 use crate::metrics::MediaCounters;
+use crate::transport::{Datagram, InletParts, Proto, Route, Sink, Transport};
+
+/// What a transport path leads to: a participant and which of its peer
+/// connections.
+pub type PeerRef = (usize, PcRole);
 
 /// The LiveKit server version we present: clients gate features on it
 /// (RPC needs >= 1.8.0).
@@ -53,15 +55,15 @@ pub(super) const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
 pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
-/// Datagram batches read before commands get a turn.
-const BATCHES_PER_TURN: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub node_id: String,
     pub jurisdiction: String,
-    /// Host candidates announced to clients.
+    /// UDP host candidates announced to clients.
     pub candidates: Vec<SocketAddr>,
+    /// Passive ICE-TCP host candidates (lower priority than UDP).
+    pub tcp_candidates: Vec<SocketAddr>,
     pub auto_create: bool,
     pub empty_timeout_secs: u64,
     pub departure_timeout_secs: u64,
@@ -105,12 +107,11 @@ pub type Directory = Arc<RwLock<HashSet<String>>>;
 
 pub(super) struct Core {
     pub(super) cfg: EngineConfig,
-    pub(super) tx: UdpTx,
+    /// Sending, TCP connections, and the demux tables.
+    pub(super) io: Transport<PeerRef>,
     pub(super) rooms: Slab<Room>,
     pub(super) room_by_name: HashMap<String, usize>,
     pub(super) parts: Slab<Participant>,
-    pub(super) by_ufrag: UfragMap,
-    pub(super) by_addr: HashMap<SocketAddr, (usize, PcRole)>,
     /// Participants whose str0m state changed and must be polled.
     pub(super) dirty: Vec<usize>,
     pub(super) is_dirty: Vec<bool>,
@@ -129,25 +130,10 @@ pub(super) struct Core {
     pub(super) gauges: [u64; 3],
 }
 
-/// Where a worker's datagrams come from.
-pub enum EngineIo {
-    /// The only worker: it owns the socket and reads it itself.
-    Direct(Box<UdpIo>),
-    /// One of several: the dispatcher fills its inbox; it sends on the
-    /// shared socket (kept open by the `Arc`).
-    Worker {
-        index: usize,
-        inbox: Arc<Inbox>,
-        tx: Box<UdpTx>,
-        socket: Arc<std::net::UdpSocket>,
-        routes: UfragRoutes,
-    },
-}
-
 /// Run the engine on the current thread until the command channel closes.
 pub fn run(
     cfg: EngineConfig,
-    io: EngineIo,
+    (inlet, io): (InletParts, Transport<PeerRef>),
     mut commands: mpsc::UnboundedReceiver<Command>,
     counters: Arc<MediaCounters>,
     directory: Directory,
@@ -155,42 +141,17 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // Registering the socket needs the runtime's context.
-    let enter = rt.enter();
-    let (tx, shared, mut source) = match io {
-        EngineIo::Direct(io) => {
-            let UdpIo { socket, rx, tx } = *io;
-            // The AsyncFd owns the socket, so its fd outlives the
-            // registration and the rx/tx halves that use it.
-            let afd = AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)?;
-            let rx = Box::new(rx);
-            (tx, None, Source::Socket { afd, rx })
-        }
-        EngineIo::Worker {
-            index,
-            inbox,
-            tx,
-            socket,
-            routes,
-        } => (
-            *tx,
-            Some((index, routes)),
-            Source::Inbox {
-                inbox,
-                batch: RxBatch::default(),
-                _socket: socket,
-            },
-        ),
+    // Registering the sockets needs the runtime's context.
+    let mut inlet = {
+        let _enter = rt.enter();
+        inlet.attach()?
     };
-    drop(enter);
     let mut core = Core {
         cfg,
-        tx,
+        io,
         rooms: Slab::new(),
         room_by_name: HashMap::new(),
         parts: Slab::new(),
-        by_ufrag: UfragMap::new(shared),
-        by_addr: HashMap::new(),
         dirty: Vec::new(),
         is_dirty: Vec::new(),
         events: Vec::with_capacity(64),
@@ -214,7 +175,7 @@ pub fn run(
                     Some(c) => core.command(c),
                     None => break,
                 },
-                r = source.read(&mut core) => r?,
+                r = inlet.read(&mut core) => r?,
                 _ = tokio::time::sleep_until(deadline.into()) => {},
             }
             core.turn();
@@ -223,63 +184,17 @@ pub fn run(
     })
 }
 
-/// Where a worker's datagrams come from, registered with its runtime.
-enum Source {
-    Socket {
-        afd: AsyncFd<std::net::UdpSocket>,
-        rx: Box<super::udp::UdpRx>,
-    },
-    Inbox {
-        inbox: Arc<Inbox>,
-        batch: RxBatch,
-        /// Keeps the shared socket open for this worker's sends.
-        _socket: Arc<std::net::UdpSocket>,
-    },
-}
+impl Sink<PeerRef> for Core {
+    fn datagram(&mut self, d: Datagram<'_>, at: Instant) {
+        Core::datagram(self, d, at)
+    }
 
-impl Source {
-    /// Wait for datagrams, then hand them to the core a batch at a time.
-    /// Cancelled only while waiting: everything after is synchronous.
-    async fn read(&mut self, core: &mut Core) -> std::io::Result<()> {
-        match self {
-            Source::Socket { afd, rx } => {
-                let mut guard = afd.readable().await?;
-                for _ in 0..BATCHES_PER_TURN {
-                    let n = match rx.recv_batch() {
-                        Ok(n) => n,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "media socket receive failed");
-                            0
-                        }
-                    };
-                    if n == 0 {
-                        guard.clear_ready();
-                        break;
-                    }
-                    let now = Instant::now();
-                    for i in 0..n {
-                        core.datagram(rx.datagram(i), now);
-                    }
-                    MediaCounters::add(&core.counters.udp_datagrams_in, n as u64);
-                    core.flush();
-                }
-            }
-            Source::Inbox { inbox, batch, .. } => {
-                inbox.notify.notified().await;
-                inbox.take(batch);
-                for i in 0..batch.len() {
-                    let (d, at) = batch.get(i);
-                    core.datagram(d, at);
-                    // Same batching as reading the socket.
-                    if i % BATCH == BATCH - 1 {
-                        core.flush();
-                    }
-                }
-                batch.clear();
-                core.flush();
-            }
-        }
-        Ok(())
+    fn flush(&mut self) {
+        Core::flush(self)
+    }
+
+    fn transport(&mut self) -> &mut Transport<PeerRef> {
+        &mut self.io
     }
 }
 
@@ -309,31 +224,11 @@ impl Core {
     }
 }
 
-/// The local ICE ufrag a STUN binding request is addressed to.
-pub(super) fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
-    // Header: type(2) length(2) cookie(4) transaction(12).
-    if data.len() < 20 || data[0] & 0xc0 != 0 || data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
-        return None;
-    }
-    let mut i = 20;
-    while i + 4 <= data.len() {
-        let typ = u16::from_be_bytes([data[i], data[i + 1]]);
-        let len = u16::from_be_bytes([data[i + 2], data[i + 3]]) as usize;
-        let val = data.get(i + 4..i + 4 + len)?;
-        if typ == 0x0006 {
-            let user = std::str::from_utf8(val).ok()?;
-            return user.split(':').next();
-        }
-        i += 4 + len.div_ceil(4) * 4;
-    }
-    None
-}
-
 /// Poll one peer connection until it has nothing more to say.
 fn drain(
     peer: &mut Peer,
     role: PcRole,
-    tx: &mut UdpTx,
+    io: &mut Transport<PeerRef>,
     events: &mut Vec<(PcRole, Event)>,
     sid: &str,
     now: Instant,
@@ -344,7 +239,15 @@ fn drain(
             return;
         }
         match peer.rtc.poll_output() {
-            Ok(Output::Transmit(t)) => tx.send(t.source, t.destination, &t.contents),
+            Ok(Output::Transmit(t)) => {
+                let proto = match t.proto {
+                    str0m::net::Protocol::Udp => Proto::Udp,
+                    str0m::net::Protocol::Tcp => Proto::Tcp,
+                    // We offer no other kind of candidate.
+                    _ => continue,
+                };
+                io.send(proto, t.source, t.destination, &t.contents)
+            }
             Ok(Output::Timeout(t)) => {
                 peer.next_timeout = t;
                 return;
@@ -450,26 +353,29 @@ impl Core {
     // ---------------------------------------------------------------- UDP
 
     pub(super) fn datagram(&mut self, d: Datagram<'_>, now: Instant) {
-        let (key, role) = match self.by_addr.get(&d.source) {
-            Some(k) => *k,
-            None => {
-                let Some((k, role)) = stun_local_ufrag(d.data)
-                    .and_then(|u| self.by_ufrag.get(u))
-                    .copied()
-                else {
-                    MediaCounters::add(&self.counters.udp_unroutable, 1);
-                    return;
-                };
+        let (unroutable, rejected) = match d.proto {
+            Proto::Udp => (&self.counters.udp_unroutable, &self.counters.udp_rejected),
+            Proto::Tcp => (
+                &self.counters.tcp_frames_rejected,
+                &self.counters.tcp_frames_rejected,
+            ),
+        };
+        let (key, role) = match self.io.demux.route(&d) {
+            Route::Known(r) => r,
+            Route::New((k, role)) => {
                 if let Some(peer) = self.parts.get_mut(k).and_then(|p| p.peer_mut(role)) {
-                    peer.remote_addrs.push(d.source);
+                    peer.remote_paths.push((d.proto, d.source));
                 }
-                self.by_addr.insert(d.source, (k, role));
                 (k, role)
+            }
+            Route::Unknown => {
+                MediaCounters::add(unroutable, 1);
+                return;
             }
         };
         let Some(p) = self.parts.get_mut(key) else {
-            self.by_addr.remove(&d.source);
-            MediaCounters::add(&self.counters.udp_unroutable, 1);
+            self.io.demux.forget_path(&(d.proto, d.source), |_| true);
+            MediaCounters::add(unroutable, 1);
             return;
         };
         let sid = &p.sid;
@@ -480,7 +386,7 @@ impl Core {
             return;
         };
         let Ok(contents) = d.data.try_into() else {
-            MediaCounters::add(&self.counters.udp_rejected, 1);
+            MediaCounters::add(rejected, 1);
             return;
         };
         // str0m follows every received datagram with its whole timer pass
@@ -498,7 +404,10 @@ impl Core {
         let input = Input::Receive(
             at,
             Receive {
-                proto: Protocol::Udp,
+                proto: match d.proto {
+                    Proto::Udp => Protocol::Udp,
+                    Proto::Tcp => Protocol::Tcp,
+                },
                 source: d.source,
                 destination: d.destination,
                 contents,
@@ -506,7 +415,7 @@ impl Core {
         );
         if let Err(e) = peer.rtc.handle_input(input) {
             tracing::debug!(participant = %sid, error = %e, "peer rejected a datagram");
-            MediaCounters::add(&self.counters.udp_rejected, 1);
+            MediaCounters::add(rejected, 1);
         }
         self.poll(key, now);
     }
@@ -522,7 +431,7 @@ impl Core {
             drain(
                 &mut p.peer,
                 PcRole::Main,
-                &mut self.tx,
+                &mut self.io,
                 &mut events,
                 sid,
                 now,
@@ -531,7 +440,7 @@ impl Core {
                 drain(
                     &mut s.peer,
                     PcRole::Subscriber,
-                    &mut self.tx,
+                    &mut self.io,
                     &mut events,
                     sid,
                     now,
@@ -552,7 +461,7 @@ impl Core {
             }
             self.poll(k, now);
         }
-        self.tx.flush();
+        self.io.flush(&self.counters);
         let c = &self.counters;
         MediaCounters::add(&c.rtp_packets_in, std::mem::take(&mut self.n_rtp_in));
         MediaCounters::add(&c.rtp_packets_forwarded, std::mem::take(&mut self.n_fwd));
@@ -560,7 +469,6 @@ impl Core {
             &c.rtp_bytes_forwarded,
             std::mem::take(&mut self.n_fwd_bytes),
         );
-        MediaCounters::add(&c.udp_send_drops, std::mem::take(&mut self.tx.send_drops));
     }
 
     pub(super) fn timeouts(&mut self, now: Instant) {
@@ -907,6 +815,20 @@ impl Core {
                 Err(e) => tracing::warn!(error = %e, "bad host candidate"),
             }
         }
+        // Passive only: clients behind UDP-blocking networks dial us.
+        for a in &self.cfg.tcp_candidates {
+            match Candidate::builder()
+                .tcp()
+                .host(*a)
+                .tcptype(TcpType::Passive)
+                .build()
+            {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(error = %e, "bad TCP host candidate"),
+            }
+        }
         rtc
     }
 
@@ -1031,10 +953,11 @@ impl Core {
             quality: None,
         };
         let key = self.parts.insert(p);
-        self.by_ufrag.insert(ufrag, (key, PcRole::Main));
+        self.io.demux.set_ufrag(ufrag, (key, PcRole::Main));
         if let Some(sp) = &self.parts[key].sub_peer {
-            self.by_ufrag
-                .insert(sp.peer.ufrag.clone(), (key, PcRole::Subscriber));
+            self.io
+                .demux
+                .set_ufrag(sp.peer.ufrag.clone(), (key, PcRole::Subscriber));
         }
         let server_info = self.server_info();
         self.publish_gauges();
@@ -1280,12 +1203,8 @@ impl Core {
             .into_iter()
             .flatten()
         {
-            self.by_ufrag.remove(&peer.ufrag);
-            for a in &peer.remote_addrs {
-                if self.by_addr.get(a).is_some_and(|(k, _)| *k == key) {
-                    self.by_addr.remove(a);
-                }
-            }
+            self.io.demux.remove_ufrag(&peer.ufrag);
+            self.io.forget(&peer.remote_paths, |(k, _)| *k == key);
         }
         if let Some(f) = self.is_dirty.get_mut(key) {
             *f = false;
@@ -1325,6 +1244,7 @@ impl Core {
 
     pub(super) fn housekeeping(&mut self, now: Instant) {
         self.reap_broken();
+        self.io.sweep(now);
         // Active speakers per room, as deltas.
         let room_keys: Vec<usize> = self.rooms.iter().map(|(k, _)| k).collect();
         for rk in room_keys {
@@ -1415,25 +1335,5 @@ impl Core {
             tracing::info!(room = %r.name, "room closed");
         }
         self.publish_gauges();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    pub(super) fn stun_username_is_found_and_garbage_is_not() {
-        let mut m = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
-        m.extend_from_slice(&[7u8; 12]);
-        m.extend_from_slice(&[0x00, 0x06, 0x00, 0x07]);
-        m.extend_from_slice(b"abc:xyz\0");
-        assert_eq!(stun_local_ufrag(&m), Some("abc"));
-        assert_eq!(stun_local_ufrag(&m[..22]), None);
-        assert_eq!(
-            stun_local_ufrag(b"garbage that is long enough to parse"),
-            None
-        );
-        assert_eq!(stun_local_ufrag(&[]), None);
     }
 }

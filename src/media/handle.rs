@@ -13,11 +13,10 @@ use moselle_signaling::backend::{
 use moselle_signaling::token::KeySet;
 use tokio::sync::{mpsc, oneshot};
 
-use super::dispatch::{self, Inbox, UfragRoutes};
-use super::engine::{self, Command, Directory, EngineConfig, EngineIo};
-use super::udp::UdpIo;
+use super::engine::{self, Command, Directory, EngineConfig};
 use crate::cluster::Cluster;
 use crate::metrics::MediaCounters;
+use crate::transport::{self, tcp::TcpLimits, udp::UdpIo};
 
 pub struct MediaHandle {
     /// One command channel per forwarding worker.
@@ -29,17 +28,19 @@ pub struct MediaHandle {
     pub signal_counters: Arc<SignalCounters>,
     pub media_counters: Arc<MediaCounters>,
     threads: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
-    /// Stops the dispatcher (several workers only).
-    dispatch_stop: Option<Arc<AtomicBool>>,
+    /// Stops the transport's own threads (UDP dispatcher, TCP acceptor).
+    transport_stop: Arc<AtomicBool>,
 }
 
 impl MediaHandle {
-    /// Start the engine on an already bound socket: `workers` forwarding
-    /// threads (rooms are spread over them), with a dispatcher thread
-    /// reading the socket when there is more than one.
+    /// Start the engine on already bound sockets: `workers` forwarding
+    /// threads (rooms are spread over them), with the transport's threads
+    /// (a UDP dispatcher when there is more than one worker, the ICE-TCP
+    /// acceptor when `tcp` is given).
     pub fn start(
         cfg: EngineConfig,
         udp: UdpIo,
+        tcp: Option<(std::net::TcpListener, TcpLimits)>,
         workers: usize,
         keys: KeySet,
         directory: Directory,
@@ -47,57 +48,24 @@ impl MediaHandle {
     ) -> std::io::Result<Arc<MediaHandle>> {
         let media_counters = Arc::new(MediaCounters::default());
         let auto_create = cfg.auto_create;
-        let workers = workers.max(1);
-        let mut senders = Vec::with_capacity(workers);
-        let mut threads = Vec::with_capacity(workers + 1);
-        let mut dispatch_stop = None;
-        let spawn = |name: String, f: Box<dyn FnOnce() -> std::io::Result<()> + Send>| {
-            std::thread::Builder::new().name(name).spawn(f)
-        };
-        if workers == 1 {
+        let started = transport::start(udp, tcp, workers, media_counters.clone())?;
+        let mut threads = started.threads;
+        let mut senders = Vec::with_capacity(started.workers.len());
+        let single = started.workers.len() == 1;
+        for (index, io) in started.workers.into_iter().enumerate() {
             let (tx, rx) = mpsc::unbounded_channel();
-            let (c2, d2) = (media_counters.clone(), directory.clone());
-            let cfg = cfg.clone();
-            threads.push(spawn(
-                "moselle-media".into(),
-                Box::new(move || engine::run(cfg, EngineIo::Direct(Box::new(udp)), rx, c2, d2)),
-            )?);
+            let (c2, d2, cfg) = (media_counters.clone(), directory.clone(), cfg.clone());
+            let name = if single {
+                "moselle-media".to_string()
+            } else {
+                format!("moselle-media-{index}")
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || engine::run(cfg, io, rx, c2, d2))?,
+            );
             senders.push(tx);
-        } else {
-            let routes: UfragRoutes = Default::default();
-            let inboxes: Vec<Arc<Inbox>> = (0..workers).map(|_| Arc::default()).collect();
-            let fd = udp.raw_fd();
-            let txs: Vec<_> = (0..workers).map(|_| udp.extra_tx()).collect();
-            let UdpIo { socket, rx, .. } = udp;
-            let socket = Arc::new(socket);
-            for (index, tx_half) in txs.into_iter().enumerate() {
-                let (tx, rx_cmd) = mpsc::unbounded_channel();
-                let io = EngineIo::Worker {
-                    index,
-                    inbox: inboxes[index].clone(),
-                    tx: Box::new(tx_half),
-                    socket: socket.clone(),
-                    routes: routes.clone(),
-                };
-                let (c2, d2, cfg) = (media_counters.clone(), directory.clone(), cfg.clone());
-                threads.push(spawn(
-                    format!("moselle-media-{index}"),
-                    Box::new(move || engine::run(cfg, io, rx_cmd, c2, d2)),
-                )?);
-                senders.push(tx);
-            }
-            let stop = Arc::new(AtomicBool::new(false));
-            let (s2, c2) = (stop.clone(), media_counters.clone());
-            threads.push(spawn(
-                "moselle-udp-rx".into(),
-                Box::new(move || {
-                    // Holds the socket open for as long as it reads.
-                    let _socket = socket;
-                    dispatch::run(rx, fd, inboxes, routes, c2, s2);
-                    Ok(())
-                }),
-            )?);
-            dispatch_stop = Some(stop);
         }
         Ok(Arc::new(MediaHandle {
             workers: senders,
@@ -108,7 +76,7 @@ impl MediaHandle {
             signal_counters: Arc::new(SignalCounters::default()),
             media_counters,
             threads,
-            dispatch_stop,
+            transport_stop: started.stop,
         }))
     }
 
@@ -155,9 +123,7 @@ impl MediaHandle {
 
 impl Drop for MediaHandle {
     fn drop(&mut self) {
-        if let Some(s) = &self.dispatch_stop {
-            s.store(true, Ordering::Relaxed);
-        }
+        self.transport_stop.store(true, Ordering::Relaxed);
     }
 }
 

@@ -1,9 +1,8 @@
-//! The media plane: UDP I/O, rooms, participants, forwarding. Everything
-//! here runs on a forwarding worker thread, except [`handle`], the
-//! thread-safe door, and [`dispatch`]'s socket reader.
+//! The media plane: rooms, participants, forwarding. Everything here runs on
+//! a forwarding worker thread, except [`handle`], the thread-safe door.
+//! Sockets and demultiplexing are the transport layer's (`crate::transport`).
 
 pub mod data;
-pub mod dispatch;
 mod dynacast;
 pub mod engine;
 pub mod forward;
@@ -18,4 +17,3 @@ pub mod room;
 pub mod sdp;
 pub mod speakers;
 mod subscribe;
-pub mod udp;

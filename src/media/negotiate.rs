@@ -55,8 +55,8 @@ impl Core {
         // addresses is routed by the new ufrag.
         let ufrag = p.peer.rtc.direct_api().local_ice_credentials().ufrag;
         if ufrag != p.peer.ufrag {
-            self.by_ufrag.remove(&p.peer.ufrag);
-            self.by_ufrag.insert(ufrag.clone(), (key, PcRole::Main));
+            self.io.demux.remove_ufrag(&p.peer.ufrag);
+            self.io.demux.set_ufrag(ufrag.clone(), (key, PcRole::Main));
             p.peer.ufrag = ufrag;
         }
         p.peer.remote = sdp::parse(&sd.sdp);
@@ -347,9 +347,10 @@ impl Core {
         sp.pending = Some(pending);
         let ufrag = sp.peer.rtc.direct_api().local_ice_credentials().ufrag;
         if ufrag != sp.peer.ufrag {
-            self.by_ufrag.remove(&sp.peer.ufrag);
-            self.by_ufrag
-                .insert(ufrag.clone(), (key, PcRole::Subscriber));
+            self.io.demux.remove_ufrag(&sp.peer.ufrag);
+            self.io
+                .demux
+                .set_ufrag(ufrag.clone(), (key, PcRole::Subscriber));
             sp.peer.ufrag = ufrag;
         }
         sp.offer_id += 1;

@@ -1,7 +1,6 @@
 //! A participant: its peer connection, what it publishes and what it
 //! subscribes to. Owned by the engine thread.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use livekit_protocol as lk;
@@ -14,6 +13,7 @@ use str0m::Rtc;
 
 use super::forward::{Forwarder, Layer};
 use super::sdp::{Kind, SdpInfo};
+use crate::transport::Path;
 
 /// One str0m peer connection.
 pub struct Peer {
@@ -22,8 +22,8 @@ pub struct Peer {
     pub next_timeout: Instant,
     /// The instant of the last input given to `rtc` (see `Core::datagram`).
     pub last_input: Instant,
-    /// Remote addresses seen, so the demux maps can be cleaned on leave.
-    pub remote_addrs: Vec<SocketAddr>,
+    /// Paths seen, so the demux maps can be cleaned on leave.
+    pub remote_paths: Vec<Path>,
     /// Incoming SSRC -> (room track key, layer); a handful of entries.
     pub rx_routes: Vec<(Ssrc, usize, Layer)>,
     /// The last remote and local descriptions, as read from their text
@@ -42,7 +42,7 @@ impl Peer {
             ufrag,
             next_timeout: Instant::now(),
             last_input: Instant::now(),
-            remote_addrs: Vec::new(),
+            remote_paths: Vec::new(),
             rx_routes: Vec::new(),
             remote: SdpInfo::default(),
             local: SdpInfo::default(),

@@ -51,13 +51,22 @@ function freePort() {
   });
 }
 
-/** Start `moselle serve --dev` on free ports; resolves once /healthz is 200. */
-export async function startServer(extraArgs = []) {
+/**
+ * Start `moselle serve --dev` on free ports; resolves once /healthz is 200.
+ * For the network lab (tests/netlab.sh): `host` to bind, fixed `ports`
+ * ({ http, udp }; this namespace cannot probe the server's for free ones, so
+ * give `--tcp-port` too) and `netns` to run it in with `ip netns exec`.
+ */
+export async function startServer(extraArgs = [], { host = HOST, ports = null, netns = null } = {}) {
   const bin = process.env.MOSELLE_BIN || join(repo, 'target', 'debug', 'moselle');
-  const httpPort = await freePort();
-  const udpPort = await freePort();
-  const args = ['serve', '--dev', '--bind', HOST, '--http-port', String(httpPort), '--udp-port', String(udpPort), ...extraArgs];
-  const proc = spawn(bin, args, {
+  const httpPort = ports ? ports.http : await freePort();
+  const udpPort = ports ? ports.udp : await freePort();
+  // ICE over TCP listens too: a free port keeps servers side by side apart.
+  const tcpArgs = extraArgs.includes('--tcp-port') ? [] : ['--tcp-port', String(await freePort())];
+  const args = ['serve', '--dev', '--bind', host, '--http-port', String(httpPort), '--udp-port', String(udpPort), ...tcpArgs, ...extraArgs];
+  // `ip netns exec` execs moselle: the child is the server itself.
+  const [cmd, argv] = netns ? ['ip', ['netns', 'exec', netns, bin, ...args]] : [bin, args];
+  const proc = spawn(cmd, argv, {
     cwd: repo,
     env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -68,7 +77,7 @@ export async function startServer(extraArgs = []) {
   proc.stderr.on('data', keep);
   let exited = null;
   proc.on('exit', (code) => { exited = code; });
-  const base = `http://${HOST}:${httpPort}`;
+  const base = `http://${host}:${httpPort}`;
   await waitFor('the server to answer /healthz', async () => {
     if (exited !== null) throw new Error(`moselle exited with ${exited}:\n${log.join('\n')}`);
     const r = await fetch(`${base}/healthz`).catch(() => null);

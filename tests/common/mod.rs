@@ -45,6 +45,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut moselle::config::Config)) -> Se
     cfg.server.bind = "127.0.0.1".parse().unwrap();
     cfg.server.http_port = 0;
     cfg.server.udp_port = 0;
+    cfg.rtc.tcp_port = 0;
     let running = moselle::server::start(&cfg).await.unwrap();
     let addr = running.http_addr;
     Server { running, addr }

@@ -44,18 +44,20 @@ class MoselleServer:
     http_port: int
     udp_port: int
     log_path: Path
+    tcp_port: int = 0
     api_key: str = API_KEY
     api_secret: str = API_SECRET
     cmd: list[str] = field(default_factory=list)
+    host: str = HOST
 
     @property
     def url(self) -> str:
         """LiveKit URL form, as given to rtc.Room.connect."""
-        return f"ws://{HOST}:{self.http_port}"
+        return f"ws://{self.host}:{self.http_port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
+        return f"http://{self.host}:{self.http_port}"
 
     def token(self, identity: str, room: str, **grants) -> str:
         return make_token(identity, room, api_key=self.api_key, api_secret=self.api_secret, **grants)
@@ -151,9 +153,19 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def start_moselle(log_dir: Path, extra_args: list[str] = ()) -> MoselleServer:
+def start_moselle(
+    log_dir: Path,
+    extra_args: list[str] = (),
+    *,
+    host: str = HOST,
+    ports: tuple[int, int] | None = None,
+    netns: str | None = None,
+) -> MoselleServer:
     """Start `moselle serve --dev` on free ports (plus `extra_args`, e.g.
-    `--config FILE`) and wait until it is healthy; fails the test if not."""
+    `--config FILE`) and wait until it is healthy; fails the test if not.
+    `host`, `ports` (http, udp) and `netns` (run it there with `ip netns exec`:
+    tests/netlab.sh's server namespace, whose free ports this process cannot
+    probe, hence fixed `ports`) are for the network lab."""
     bin_path = os.environ.get("MOSELLE_BIN", DEFAULT_BIN)
     if not (os.path.isfile(bin_path) and os.access(bin_path, os.X_OK)):
         pytest.fail(
@@ -163,11 +175,20 @@ def start_moselle(log_dir: Path, extra_args: list[str] = ()) -> MoselleServer:
         )
 
     log_path = log_dir / "server.log"
-    http_port, udp_port = _pick_ports()
+    http_port, udp_port = ports or _pick_ports()
+    extra_args = list(extra_args)
+    if "--tcp-port" in extra_args:
+        tcp_port = int(extra_args[extra_args.index("--tcp-port") + 1])
+    else:
+        # ICE over TCP listens too; a free port keeps servers side by side apart.
+        tcp_port = _free_port(socket.SOCK_STREAM) if not netns else http_port + 1
+        extra_args += ["--tcp-port", str(tcp_port)]
     cmd = [
-        bin_path, "serve", "--dev", "--bind", HOST,
+        bin_path, "serve", "--dev", "--bind", host,
         "--http-port", str(http_port), "--udp-port", str(udp_port), *extra_args,
     ]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]  # ip execs moselle: proc.pid is the server's
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "1")
     log_file = open(log_path, "wb")
@@ -176,7 +197,10 @@ def start_moselle(log_dir: Path, extra_args: list[str] = ()) -> MoselleServer:
         env=env, preexec_fn=_die_with_parent,
     )
     log_file.close()  # the child holds its own descriptor
-    server = MoselleServer(proc=proc, http_port=http_port, udp_port=udp_port, log_path=log_path, cmd=cmd)
+    server = MoselleServer(
+        proc=proc, http_port=http_port, udp_port=udp_port, log_path=log_path, cmd=cmd, host=host,
+        tcp_port=tcp_port,
+    )
 
     start_error = None
     try:

@@ -135,14 +135,15 @@ access_token = "{admin.access_token}"
                 await _wait_video(cb, vpub.sid, "alice")
 
                 # The media path: every remote candidate bob was given, and
-                # the pair in use, are the placed node's UDP port.
+                # the pair in use, are the placed node's ports (UDP, and its
+                # ICE-TCP port).
                 stats = await cb.room.get_rtc_stats()
                 ports = {s.remote_candidate.candidate.port
                          for s in stats.publisher_stats + stats.subscriber_stats
                          if s.WhichOneof("stats") == "remote_candidate"}
-                assert ports == {node.udp_port}, (
-                    f"bob's remote candidates {ports}; placed node {placed} has UDP port {node.udp_port}, "
-                    f"DE node {de.udp_port}")
+                assert node.udp_port in ports and ports <= {node.udp_port, node.tcp_port}, (
+                    f"bob's remote candidates {ports}; placed node {placed} has UDP port {node.udp_port} "
+                    f"and TCP port {node.tcp_port}, DE node {de.udp_port}/{de.tcp_port}")
 
                 # Redis goes away mid-call: the call goes on.
                 redis_proc.kill()

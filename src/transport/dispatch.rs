@@ -14,12 +14,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::engine::stun_local_ufrag;
-use super::participant::PcRole;
-use super::udp::{Datagram, UdpRx};
+use super::batch::RxBatch;
+use super::demux::UfragRoutes;
+use super::stun;
+use super::udp::UdpRx;
 use crate::metrics::MediaCounters;
 
 /// Datagrams a worker may have waiting before the dispatcher drops for it
@@ -29,102 +30,6 @@ const INBOX_LIMIT: usize = 16 * 1024;
 /// Address routes not refreshed for this long are forgotten (ICE consent
 /// checks refresh live ones every few seconds).
 const ROUTE_IDLE: Duration = Duration::from_secs(60);
-
-/// ufrag -> worker, written by workers, read by the dispatcher.
-pub type UfragRoutes = Arc<RwLock<HashMap<String, usize>>>;
-
-/// A worker's ufrag map; with several workers it also publishes the
-/// ufrags to the dispatcher.
-pub struct UfragMap {
-    local: HashMap<String, (usize, PcRole)>,
-    shared: Option<(usize, UfragRoutes)>,
-}
-
-impl UfragMap {
-    pub fn new(shared: Option<(usize, UfragRoutes)>) -> Self {
-        Self {
-            local: HashMap::new(),
-            shared,
-        }
-    }
-
-    pub fn get(&self, ufrag: &str) -> Option<&(usize, PcRole)> {
-        self.local.get(ufrag)
-    }
-
-    pub fn insert(&mut self, ufrag: String, v: (usize, PcRole)) {
-        if let Some((worker, routes)) = &self.shared {
-            if let Ok(mut r) = routes.write() {
-                r.insert(ufrag.clone(), *worker);
-            }
-        }
-        self.local.insert(ufrag, v);
-    }
-
-    pub fn remove(&mut self, ufrag: &str) {
-        if let Some((_, routes)) = &self.shared {
-            if let Ok(mut r) = routes.write() {
-                r.remove(ufrag);
-            }
-        }
-        self.local.remove(ufrag);
-    }
-}
-
-struct Item {
-    source: SocketAddr,
-    destination: SocketAddr,
-    /// When the dispatcher read it: the receive time str0m sees (TWCC
-    /// feedback reports it), so the hand-off's wake-up delay is not
-    /// mistaken by senders' bandwidth estimators for network queuing.
-    at: Instant,
-    off: u32,
-    len: u32,
-}
-
-/// Datagrams in one contiguous buffer.
-#[derive(Default)]
-pub struct RxBatch {
-    data: Vec<u8>,
-    items: Vec<Item>,
-}
-
-impl RxBatch {
-    fn push(&mut self, d: &Datagram<'_>, at: Instant) {
-        self.items.push(Item {
-            source: d.source,
-            destination: d.destination,
-            at,
-            off: self.data.len() as u32,
-            len: d.data.len() as u32,
-        });
-        self.data.extend_from_slice(d.data);
-    }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    /// The `i`th datagram and when it was read.
-    pub fn get(&self, i: usize) -> (Datagram<'_>, Instant) {
-        let it = &self.items[i];
-        let d = Datagram {
-            source: it.source,
-            destination: it.destination,
-            data: &self.data[it.off as usize..(it.off + it.len) as usize],
-        };
-        (d, it.at)
-    }
-
-    pub fn clear(&mut self) {
-        self.items.clear();
-        self.data.clear();
-    }
-}
 
 /// A worker's mailbox.
 #[derive(Default)]
@@ -146,12 +51,7 @@ impl Inbox {
         } else if b.len() + from.len() > INBOX_LIMIT {
             dropped = from.len();
         } else {
-            let base = b.data.len() as u32;
-            b.data.extend_from_slice(&from.data);
-            b.items.extend(from.items.drain(..).map(|mut it| {
-                it.off += base;
-                it
-            }));
+            b.append(from);
         }
         drop(b);
         from.clear();
@@ -204,12 +104,8 @@ pub fn run(
             for i in 0..n {
                 let d = rx.datagram(i);
                 // STUN (first two bits 0) names its ufrag: it decides.
-                let by_ufrag = if d.data.first().is_some_and(|b| b & 0xc0 == 0) {
-                    stun_local_ufrag(d.data)
-                        .and_then(|u| routes.read().ok().and_then(|r| r.get(u).copied()))
-                } else {
-                    None
-                };
+                let by_ufrag = stun::local_ufrag(d.data)
+                    .and_then(|u| routes.read().ok().and_then(|r| r.get(u).copied()));
                 let worker = match by_ufrag {
                     Some(w) => {
                         by_addr.insert(d.source, (w, now));
@@ -250,9 +146,11 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::{Datagram, Proto};
 
     fn dgram(data: &[u8]) -> Datagram<'_> {
         Datagram {
+            proto: Proto::Udp,
             source: "10.0.0.1:5000".parse().expect("addr"),
             destination: "10.0.0.2:7882".parse().expect("addr"),
             data,

@@ -9,17 +9,13 @@ use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, RawFd};
 
+use super::{Datagram, Proto};
+
 /// Datagrams per syscall.
 pub const BATCH: usize = 64;
 /// Largest datagram we take; WebRTC keeps well under this.
 pub const MAX_DATAGRAM: usize = 2048;
 const CMSG_SPACE: usize = 64;
-
-pub struct Datagram<'a> {
-    pub source: SocketAddr,
-    pub destination: SocketAddr,
-    pub data: &'a [u8],
-}
 
 /// The socket and its two halves; the halves borrow independently so the
 /// receive batch can be read while answers are queued.
@@ -196,6 +192,7 @@ impl UdpRx {
     /// The `i`th datagram of the last batch.
     pub fn datagram(&self, i: usize) -> Datagram<'_> {
         Datagram {
+            proto: Proto::Udp,
             source: from_sockaddr(&self.rx_names[i]),
             destination: SocketAddr::new(IpAddr::V4(self.rx_dst[i]), self.port),
             data: &self.rx_bufs[i][..self.rx_lens[i].min(MAX_DATAGRAM)],
