@@ -41,6 +41,14 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     })?;
     let udp_port = udp.local_port();
     let tcp = if cfg.rtc.ice_tcp {
+        let fds = raise_fd_limit();
+        if (fds as usize) < cfg.rtc.tcp_max_connections + 256 {
+            tracing::warn!(
+                open_files = fds,
+                tcp_max_connections = cfg.rtc.tcp_max_connections,
+                "the open-file limit is too low for rtc.tcp_max_connections: raise it (LimitNOFILE)"
+            );
+        }
         let l = std::net::TcpListener::bind((cfg.server.bind, cfg.rtc.tcp_port)).with_context(
             || {
                 format!(
@@ -228,6 +236,28 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         media,
         server,
     })
+}
+
+/// Raise the soft open-file limit to the hard one (each ICE-TCP connection
+/// is a descriptor); returns the limit now in force.
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct we own.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 0;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+        l.rlim_cur
+    }
 }
 
 /// The API key this node signs its own tokens with: the dev key if there is

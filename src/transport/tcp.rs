@@ -237,12 +237,13 @@ impl Acceptor {
             }
             let now = Instant::now();
             for ev in events.iter() {
-                if ev.token() == LISTENER {
-                    self.accept_all(&mut pending, now);
-                } else {
+                if ev.token() != LISTENER {
                     self.first_frame(&mut pending, ev.token().0);
                 }
             }
+            // Every turn, not only on the listener's edge: after running out
+            // of descriptors no new edge may come for what is queued.
+            self.accept_all(&mut pending, now);
             let late: Vec<usize> = pending
                 .iter()
                 .filter(|(_, p)| p.deadline <= now)
@@ -319,6 +320,7 @@ impl Acceptor {
                 Err(_) => break Err(BadFrame),
             }
         };
+        let bad_length = p.frames.peek().is_err();
         let worker = match verdict {
             Ok(None) => return, // wait for the rest
             Ok(Some(r)) => stun::local_ufrag(&p.frames.buf[r])
@@ -328,7 +330,12 @@ impl Acceptor {
         let mut p = pending.remove(key);
         let _ = self.poll.registry().deregister(&mut p.stream);
         let Some(tx) = worker.and_then(|w| self.workers.get(w)) else {
-            MediaCounters::add(&self.counters.tcp_rejected, 1);
+            let counter = if bad_length {
+                &self.counters.tcp_bad_frames
+            } else {
+                &self.counters.tcp_rejected
+            };
+            MediaCounters::add(counter, 1);
             return;
         };
         // SAFETY: the descriptor moves from one owner to the other.
