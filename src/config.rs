@@ -25,6 +25,9 @@ pub struct Config {
     pub call_page: CallPageConfig,
     pub matrix: MatrixConfig,
     pub cluster: ClusterConfig,
+    /// TURN servers handed to clients (`[[turn]]`); none by default.
+    #[serde(default)]
+    pub turn: Vec<crate::transport::turn::TurnConfig>,
 }
 
 /// Many nodes, and where rooms may be placed.
@@ -248,6 +251,8 @@ impl Config {
                 "cluster.node_ttl_secs must exceed cluster.heartbeat_secs".into(),
             ));
         }
+        crate::transport::turn::check(&self.turn, &self.cluster.allowed_jurisdictions)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let r = &self.rtc;
         if r.ice_tcp
             && (r.tcp_max_connections == 0

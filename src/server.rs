@@ -40,6 +40,15 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         )
     })?;
     let udp_port = udp.local_port();
+    let turn = crate::transport::turn::load(&cfg.turn, &cfg.cluster.allowed_jurisdictions)?;
+    // Hand out only relays in this node's own jurisdiction: a room here may
+    // be restricted to it.
+    let (turn, elsewhere): (Vec<_>, Vec<_>) = turn
+        .into_iter()
+        .partition(|t| t.jurisdiction == cfg.server.jurisdiction);
+    for t in &elsewhere {
+        tracing::warn!(urls = ?t.urls, jurisdiction = %t.jurisdiction, "TURN server not in this node's jurisdiction: not handed out by this node");
+    }
     let tcp = if cfg.rtc.ice_tcp {
         let fds = raise_fd_limit();
         if (fds as usize) < cfg.rtc.tcp_max_connections + 256 {
@@ -83,6 +92,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         max_participants: cfg.room.max_participants,
         pli_throttle: Duration::from_millis(cfg.rtc.pli_throttle_ms),
         resume_window: Duration::from_secs(cfg.room.resume_window_secs),
+        turn: Arc::new(turn),
     };
     let listener = tokio::net::TcpListener::bind((cfg.server.bind, cfg.server.http_port))
         .await

@@ -36,6 +36,7 @@ use super::participant::{Participant, PcRole, Peer, SubscriberPeer};
 use super::room::{now_ms, Room, MAX_LAYERS};
 use super::sdp::Kind;
 use crate::metrics::MediaCounters;
+use crate::transport::turn::TurnServer;
 use crate::transport::{Datagram, InletParts, Proto, Route, Sink, Transport};
 
 /// What a transport path leads to: a participant and which of its peer
@@ -72,6 +73,8 @@ pub struct EngineConfig {
     /// How long a participant whose signaling socket dropped is kept for a
     /// resume.
     pub resume_window: Duration,
+    /// TURN servers handed to clients, with credentials per participant.
+    pub turn: Arc<Vec<TurnServer>>,
 }
 
 pub enum Command {
@@ -796,6 +799,24 @@ impl Core {
         }
     }
 
+    /// The configured TURN servers, with credentials for participant `sid`
+    /// (nothing unconfigured, ever: no public STUN).
+    pub(super) fn ice_servers(&self, sid: &str) -> Vec<lk::IceServer> {
+        let now = std::time::SystemTime::now();
+        self.cfg
+            .turn
+            .iter()
+            .map(|t| {
+                let c = t.credentials(sid, now);
+                lk::IceServer {
+                    urls: c.urls,
+                    username: c.username,
+                    credential: c.credential,
+                }
+            })
+            .collect()
+    }
+
     pub(super) fn new_rtc(&self) -> Rtc {
         let mut rtc = Rtc::builder()
             .set_rtp_mode(true)
@@ -960,6 +981,7 @@ impl Core {
                 .set_ufrag(sp.peer.ufrag.clone(), (key, PcRole::Subscriber));
         }
         let server_info = self.server_info();
+        let ice_servers = self.ice_servers(&self.parts[key].sid);
         self.publish_gauges();
         let room = &mut self.rooms[room_key];
         room.participants.push(key);
@@ -984,6 +1006,7 @@ impl Core {
             subscriber_primary: dual && self.parts[key].permission.can_subscribe,
             ping_interval: PING_INTERVAL,
             ping_timeout: PING_TIMEOUT,
+            ice_servers,
             sif_trailer: room.sif_trailer.clone(),
             server_region: self.cfg.jurisdiction.clone(),
             ..Default::default()
@@ -1017,6 +1040,7 @@ impl Core {
         let gen = self.next_gen;
         self.next_gen += 1;
         let server_info = self.server_info();
+        let ice_servers = self.ice_servers(&self.parts[key].sid);
         let p = &mut self.parts[key];
         // A late Closed from the old socket now names an old generation.
         let _ = p.out.try_send(Outgoing::Close);
@@ -1028,6 +1052,7 @@ impl Core {
         tracing::info!(participant = %p.sid, "session resumed");
         p.send(Resp::Reconnect(lk::ReconnectResponse {
             server_info: Some(server_info),
+            ice_servers,
             last_message_seq: p.last_data_seq,
             ..Default::default()
         }));

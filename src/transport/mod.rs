@@ -15,6 +15,7 @@ pub mod dispatch;
 mod inlet;
 pub mod stun;
 pub mod tcp;
+pub mod turn;
 pub mod udp;
 
 use std::net::SocketAddr;
