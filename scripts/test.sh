@@ -15,6 +15,9 @@ command -v curl >/dev/null || need_apt+=(curl)
 command -v nft >/dev/null || need_apt+=(nftables)
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+# The network lab's HTTP proxy and TURN server (tests/netlab.sh).
+command -v tinyproxy >/dev/null || need_apt+=(tinyproxy)
+command -v turnserver >/dev/null || need_apt+=(coturn)
 # The load generator encodes real Opus with the system libopus.
 [[ -f /usr/include/opus/opus.h ]] || need_apt+=(libopus-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
@@ -61,6 +64,14 @@ MOSELLE_BIN="$root/target/debug/moselle" tests/python/run.sh -q
 
 step "browser: livekit-client in headless Chromium"
 MOSELLE_BIN="$root/target/debug/moselle" tests/netns.sh node --test tests/browser/
+
+# Client, server and proxy in separate namespaces, nftables on the client.
+step "connectivity: LiveKit Python SDK with UDP blocked (network lab)"
+MOSELLE_BIN="$root/target/debug/moselle" PYTHONDONTWRITEBYTECODE=1 \
+    tests/netlab.sh "$venv/bin/pytest" tests/connectivity -q
+
+step "connectivity: Chromium with UDP blocked (network lab)"
+MOSELLE_BIN="$root/target/debug/moselle" tests/netlab.sh node --test tests/browser-lab/
 
 echo
 echo "all tests passed"
