@@ -131,6 +131,9 @@ pub struct RtcConfig {
     pub tcp_max_connections_per_address: usize,
     pub tcp_first_stun_timeout_ms: u64,
     pub tcp_idle_timeout_secs: u64,
+    /// How long a participant moved down the connectivity fallback ladder
+    /// keeps its rung for its next joins in that room.
+    pub fallback_memory_secs: u64,
 }
 
 impl RtcConfig {

@@ -20,6 +20,7 @@ pub struct MediaCounters {
     pub tcp_frames_in: AtomicU64,
     pub tcp_frames_rejected: AtomicU64,
     pub tcp_send_drops: AtomicU64,
+    pub ice_fallbacks: AtomicU64,
     pub rtp_packets_in: AtomicU64,
     pub rtp_packets_forwarded: AtomicU64,
     pub rtp_bytes_forwarded: AtomicU64,
@@ -133,6 +134,12 @@ impl MediaCounters {
                 "counter",
                 "ICE-TCP frames dropped on sending: the connection's output was full or gone",
                 g(&self.tcp_send_drops),
+            ),
+            (
+                "ice_fallbacks_total",
+                "counter",
+                "Sessions whose ICE failed while signaling lived, asked to rejoin on the next connectivity rung",
+                g(&self.ice_fallbacks),
             ),
             (
                 "udp_rejected_total",

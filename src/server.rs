@@ -93,6 +93,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         pli_throttle: Duration::from_millis(cfg.rtc.pli_throttle_ms),
         resume_window: Duration::from_secs(cfg.room.resume_window_secs),
         turn: Arc::new(turn),
+        fallback_memory: Duration::from_secs(cfg.rtc.fallback_memory_secs),
     };
     let listener = tokio::net::TcpListener::bind((cfg.server.bind, cfg.server.http_port))
         .await

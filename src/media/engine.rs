@@ -31,6 +31,7 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::sync::{mpsc, oneshot};
 
+use super::fallback::{Fallbacks, Offers, Rung};
 use super::forward::{Layer, Verdict};
 use super::participant::{Participant, PcRole, Peer, SubscriberPeer};
 use super::room::{now_ms, Room, MAX_LAYERS};
@@ -53,6 +54,10 @@ const PING_TIMEOUT: i32 = 15;
 pub(super) const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// How often connection quality is assessed (LiveKit: 5 s).
 pub(super) const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
+/// ICE seen failing while signaling lives: the client gets this long to
+/// recover by itself (an ICE restart) before the server moves it down the
+/// fallback ladder.
+const ICE_LOST_GRACE: Duration = Duration::from_secs(3);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
 pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
@@ -75,6 +80,8 @@ pub struct EngineConfig {
     pub resume_window: Duration,
     /// TURN servers handed to clients, with credentials per participant.
     pub turn: Arc<Vec<TurnServer>>,
+    /// How long a participant's fallback rung is remembered.
+    pub fallback_memory: Duration,
 }
 
 pub enum Command {
@@ -131,6 +138,7 @@ pub(super) struct Core {
     pub(super) n_fwd_bytes: u64,
     /// This worker's share of the rooms/participants/tracks gauges.
     pub(super) gauges: [u64; 3],
+    pub(super) fallbacks: Fallbacks,
 }
 
 /// Run the engine on the current thread until the command channel closes.
@@ -149,6 +157,7 @@ pub fn run(
         let _enter = rt.enter();
         inlet.attach()?
     };
+    let cfg_memory = cfg.fallback_memory;
     let mut core = Core {
         cfg,
         io,
@@ -168,6 +177,7 @@ pub fn run(
         n_fwd_bytes: 0,
         gauges: [0; 3],
         next_quality: Instant::now() + QUALITY_INTERVAL,
+        fallbacks: Fallbacks::new(cfg_memory),
     };
     rt.block_on(async move {
         loop {
@@ -264,6 +274,14 @@ fn drain(
             }
         }
     }
+}
+
+/// What a client is told to configure: on the relay rung, relay only.
+fn client_configuration(rung: Rung) -> Option<lk::ClientConfiguration> {
+    (rung == Rung::RelayOnly).then(|| lk::ClientConfiguration {
+        force_relay: lk::ClientConfigSetting::Enabled as i32,
+        ..Default::default()
+    })
 }
 
 /// Tell a client its session cannot go on and it must join afresh.
@@ -419,6 +437,8 @@ impl Core {
         if let Err(e) = peer.rtc.handle_input(input) {
             tracing::debug!(participant = %sid, error = %e, "peer rejected a datagram");
             MediaCounters::add(rejected, 1);
+        } else {
+            peer.last_proto = Some(d.proto);
         }
         self.poll(key, now);
     }
@@ -531,8 +551,16 @@ impl Core {
                 self.request_keyframe(room, track, layer, now);
             }
             Event::IceConnectionStateChange(s) => {
-                if let Some(p) = self.parts.get(key) {
+                if let Some(p) = self.parts.get_mut(key) {
                     tracing::debug!(participant = %p.sid, state = ?s, "ice state");
+                    use str0m::IceConnectionState as Ice;
+                    match s {
+                        Ice::Disconnected => {
+                            p.ice_lost_at.get_or_insert(now);
+                        }
+                        Ice::Connected | Ice::Completed => p.ice_lost_at = None,
+                        _ => {}
+                    }
                 }
             }
             Event::ChannelOpen(id, label) => {
@@ -817,7 +845,7 @@ impl Core {
             .collect()
     }
 
-    pub(super) fn new_rtc(&self) -> Rtc {
+    pub(super) fn new_rtc(&self, rung: Rung) -> Rtc {
         let mut rtc = Rtc::builder()
             .set_rtp_mode(true)
             .set_ice_lite(true)
@@ -828,7 +856,13 @@ impl Core {
             // Receiver reports feed connection quality.
             .set_stats_interval(Some(Duration::from_secs(2)))
             .build(Instant::now());
-        for a in &self.cfg.candidates {
+        // The TCP rung of the fallback ladder: no UDP candidates.
+        let udp: &[SocketAddr] = if rung == Rung::TcpOnly {
+            &[]
+        } else {
+            &self.cfg.candidates
+        };
+        for a in udp {
             match Candidate::host(*a, "udp") {
                 Ok(c) => {
                     rtc.add_local_candidate(c);
@@ -902,12 +936,14 @@ impl Core {
             return Err(refusal(StatusCode::FORBIDDEN, "room_full", "room is full"));
         }
 
-        let mut rtc = self.new_rtc();
+        let now = Instant::now();
+        let rung = self.fallbacks.rung(&grant.room, &claims.sub, now);
+        let mut rtc = self.new_rtc(rung);
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         // Dual PC: a second connection that we offer, for what it subscribes to.
         let dual = options.flavor == Flavor::DualPc;
         let sub_peer = dual.then(|| {
-            let mut rtc = self.new_rtc();
+            let mut rtc = self.new_rtc(rung);
             let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
             Box::new(SubscriberPeer {
                 peer: Peer::new(rtc, ufrag),
@@ -972,7 +1008,13 @@ impl Core {
             detached_at: None,
             worst_loss: 0.0,
             quality: None,
+            rung,
+            ice_lost_at: None,
+            fallback_tried: false,
         };
+        if rung != Rung::Any {
+            tracing::info!(rung = rung.name(), "joining on a fallback rung");
+        }
         let key = self.parts.insert(p);
         self.io.demux.set_ufrag(ufrag, (key, PcRole::Main));
         if let Some(sp) = &self.parts[key].sub_peer {
@@ -1007,6 +1049,7 @@ impl Core {
             ping_interval: PING_INTERVAL,
             ping_timeout: PING_TIMEOUT,
             ice_servers,
+            client_configuration: client_configuration(rung),
             sif_trailer: room.sif_trailer.clone(),
             server_region: self.cfg.jurisdiction.clone(),
             ..Default::default()
@@ -1053,8 +1096,8 @@ impl Core {
         p.send(Resp::Reconnect(lk::ReconnectResponse {
             server_info: Some(server_info),
             ice_servers,
+            client_configuration: client_configuration(p.rung),
             last_message_seq: p.last_data_seq,
-            ..Default::default()
         }));
         let r = &self.rooms[room];
         let everyone: Vec<lk::ParticipantInfo> = r
@@ -1252,6 +1295,57 @@ impl Core {
         self.publish_gauges();
     }
 
+    /// Move sessions whose ICE failed while their signaling lives one rung
+    /// down the fallback ladder: remember the rung for their next join, and
+    /// ask the client to rejoin (LiveKit clients do that at once).
+    pub(super) fn ice_fallback(&mut self, now: Instant) {
+        let failed: Vec<(usize, Option<Proto>)> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| p.detached_at.is_none() && !p.broken && !p.fallback_tried)
+            // As LiveKit: only a connection that worked and then failed
+            // says which path to leave; one that never connected says none.
+            .filter(|(_, p)| {
+                p.state == lk::participant_info::State::Active
+                    && p.ice_lost_at
+                        .is_some_and(|t| now.duration_since(t) >= ICE_LOST_GRACE)
+            })
+            .map(|(k, p)| {
+                let path = p
+                    .sub_peer
+                    .as_ref()
+                    .and_then(|s| s.peer.last_proto)
+                    .or(p.peer.last_proto);
+                (k, path)
+            })
+            .collect();
+        let offers = Offers {
+            ice_tcp: !self.cfg.tcp_candidates.is_empty(),
+            turn: !self.cfg.turn.is_empty(),
+        };
+        for (k, path) in failed {
+            let p = &mut self.parts[k];
+            p.fallback_tried = true;
+            let room = &self.rooms[p.room].name;
+            let Some(next) = self
+                .fallbacks
+                .step(room, &p.identity, p.rung, path, offers, now)
+            else {
+                tracing::info!(participant = %p.sid, rung = p.rung.name(), "ICE failed while signaling lives; no further rung to offer");
+                continue;
+            };
+            tracing::info!(participant = %p.sid, from = p.rung.name(), to = next.name(), "ICE failed while signaling lives: the client rejoins on the next rung");
+            MediaCounters::add(&self.counters.ice_fallbacks, 1);
+            p.send(Resp::Leave(lk::LeaveRequest {
+                reason: lk::DisconnectReason::MediaFailure as i32,
+                action: lk::leave_request::Action::Reconnect as i32,
+                can_reconnect: true,
+                ..Default::default()
+            }));
+            self.remove_participant(k, None);
+        }
+    }
+
     pub(super) fn reap_broken(&mut self) {
         let window = self.cfg.resume_window;
         let broken: Vec<usize> = self
@@ -1270,6 +1364,7 @@ impl Core {
     pub(super) fn housekeeping(&mut self, now: Instant) {
         self.reap_broken();
         self.io.sweep(now);
+        self.ice_fallback(now);
         // Active speakers per room, as deltas.
         let room_keys: Vec<usize> = self.rooms.iter().map(|(k, _)| k).collect();
         for rk in room_keys {

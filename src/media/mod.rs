@@ -5,6 +5,7 @@
 pub mod data;
 mod dynacast;
 pub mod engine;
+pub mod fallback;
 pub mod forward;
 pub mod handle;
 pub mod keyframe;

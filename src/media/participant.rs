@@ -11,9 +11,10 @@ use slab::Slab;
 use str0m::rtp::Ssrc;
 use str0m::Rtc;
 
+use super::fallback::Rung;
 use super::forward::{Forwarder, Layer};
 use super::sdp::{Kind, SdpInfo};
-use crate::transport::Path;
+use crate::transport::{Path, Proto};
 
 /// One str0m peer connection.
 pub struct Peer {
@@ -24,6 +25,8 @@ pub struct Peer {
     pub last_input: Instant,
     /// Paths seen, so the demux maps can be cleaned on leave.
     pub remote_paths: Vec<Path>,
+    /// The protocol the last datagram came by.
+    pub last_proto: Option<Proto>,
     /// Incoming SSRC -> (room track key, layer); a handful of entries.
     pub rx_routes: Vec<(Ssrc, usize, Layer)>,
     /// The last remote and local descriptions, as read from their text
@@ -43,6 +46,7 @@ impl Peer {
             next_timeout: Instant::now(),
             last_input: Instant::now(),
             remote_paths: Vec::new(),
+            last_proto: None,
             rx_routes: Vec::new(),
             remote: SdpInfo::default(),
             local: SdpInfo::default(),
@@ -163,6 +167,12 @@ pub struct Participant {
     /// update, and the quality last announced.
     pub worst_loss: f32,
     pub quality: Option<lk::ConnectionQuality>,
+    /// The connectivity rung this session was given (see `fallback`).
+    pub rung: Rung,
+    /// When ICE was last seen failing while signaling lives.
+    pub ice_lost_at: Option<Instant>,
+    /// The fallback ladder was consulted for this session.
+    pub fallback_tried: bool,
 }
 
 impl Participant {

@@ -29,8 +29,9 @@ pub struct TurnConfig {
     pub jurisdiction: String,
 }
 
+/// LiveKit's default for external TURN servers.
 fn default_ttl() -> u64 {
-    86_400
+    14_400
 }
 
 #[derive(Debug, thiserror::Error)]
