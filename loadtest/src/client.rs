@@ -53,6 +53,7 @@ pub struct Ctx {
     /// counts from here for those who joined before there was media.
     pub media_since: AtomicU64,
     pub flavor: Flavor,
+    pub transport: Transport,
 }
 
 /// What one participant does.
@@ -203,6 +204,40 @@ struct Pc {
     pc: Arc<dyn PeerConnection>,
     gathered: Arc<Notify>,
     state: watch::Receiver<RTCPeerConnectionState>,
+    /// The server's passive TCP candidates were handed to the ICE agent.
+    dialled: Arc<AtomicBool>,
+}
+
+/// webrtc-rs dials a passive TCP candidate only when it is trickled
+/// (`add_ice_candidate`), not when it comes inside the SDP, and Moselle
+/// sends its candidates in the SDP: so hand them over once, as trickle.
+async fn dial_tcp_candidates(
+    pc: &Arc<dyn PeerConnection>,
+    dialled: &AtomicBool,
+    sdp: &str,
+) -> anyhow::Result<()> {
+    if dialled.swap(true, Relaxed) {
+        return Ok(());
+    }
+    let (mut mid, mut index) = (None::<String>, -1i32);
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            index += 1;
+        } else if let Some(m) = line.strip_prefix("a=mid:") {
+            mid = Some(m.trim().to_string());
+        } else if let Some(c) = line.strip_prefix("a=") {
+            if c.starts_with("candidate:") && c.contains(" tcp ") && c.contains("tcptype passive") {
+                pc.add_ice_candidate(webrtc::peer_connection::RTCIceCandidateInit {
+                    candidate: c.trim().to_string(),
+                    sdp_mid: mid.clone(),
+                    sdp_mline_index: u16::try_from(index).ok(),
+                    ..Default::default()
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn new_pc(ctx: &Arc<Ctx>, joined_at: u64, first_media: Arc<AtomicU64>) -> anyhow::Result<Pc> {
@@ -236,19 +271,26 @@ async fn new_pc(ctx: &Arc<Ctx>, joined_at: u64, first_media: Arc<AtomicU64>) -> 
         joined_at,
         first_media,
     });
+    let local = vec![format!("{}:0", ctx.bind_ip)];
+    let (udp, tcp) = match ctx.transport {
+        Transport::Udp => (local, vec![]),
+        Transport::Tcp => (vec![], local),
+    };
     let pc = PeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_media_engine(me)
         .with_setting_engine(se)
         .with_interceptor_registry(registry)
         .with_handler(handler)
-        .with_udp_addrs(vec![format!("{}:0", ctx.bind_ip)])
+        .with_udp_addrs(udp)
+        .with_tcp_addrs(tcp)
         .build()
         .await?;
     Ok(Pc {
         pc: Arc::new(pc),
         gathered,
         state,
+        dialled: Arc::new(AtomicBool::new(ctx.transport != Transport::Tcp)),
     })
 }
 
@@ -366,6 +408,16 @@ pub enum Flavor {
     V0,
 }
 
+/// How the participants' media reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// UDP host candidates (what clients use when they can).
+    Udp,
+    /// ICE over TCP only: the client dials the server's passive TCP
+    /// candidates (a client whose network blocks UDP).
+    Tcp,
+}
+
 /// Run one participant until `stop` turns true. Returns after leaving.
 pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let joined_at = now_us();
@@ -423,6 +475,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
     let wanted = layers_on.clone();
     let off_pc = offerer.pc.clone();
     let off_gathered = offerer.gathered.clone();
+    let off_dialled = offerer.dialled.clone();
     let signal_loop = tokio::spawn(async move {
         let mut in_flight = false;
         let mut again = false;
@@ -461,8 +514,9 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                     let Some(ans) = &answerer else { continue };
                     let r = async {
                         ans.pc
-                            .set_remote_description(RTCSessionDescription::offer(o.sdp)?)
+                            .set_remote_description(RTCSessionDescription::offer(o.sdp.clone())?)
                             .await?;
+                        dial_tcp_candidates(&ans.pc, &ans.dialled, &o.sdp).await?;
                         let a = ans.pc.create_answer(None).await?;
                         let sdp = ans.local_with_candidates(a).await?;
                         let _ = req_tx.send(Req::Answer(sdp_msg("answer", sdp)));
@@ -474,10 +528,15 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                     }
                 }
                 Resp::Answer(a) => {
-                    let r = match RTCSessionDescription::answer(a.sdp) {
+                    let r = match RTCSessionDescription::answer(a.sdp.clone()) {
                         Ok(d) => off_pc.set_remote_description(d).await,
                         Err(e) => Err(e),
                     };
+                    if r.is_ok() {
+                        if let Err(e) = dial_tcp_candidates(&off_pc, &off_dialled, &a.sdp).await {
+                            tracing::warn!(error = %e, "TCP candidates refused");
+                        }
+                    }
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "answer refused");
                     }

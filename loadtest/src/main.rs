@@ -72,6 +72,9 @@ struct Args {
     /// Signaling flavour of the simulated clients.
     #[arg(long, value_enum, default_value = "v1")]
     signal: client::Flavor,
+    /// How the simulated clients' media travels: UDP, or ICE over TCP only.
+    #[arg(long, value_enum, default_value = "udp")]
+    transport: client::Transport,
     /// Skip the same-run relay baseline.
     #[arg(long)]
     no_baseline: bool,
@@ -137,7 +140,14 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
                 _ => anyhow::bail!("--url needs --key and --secret"),
             };
             let runner = Runner {
-                ctx: scenario::context(server.ws_url.clone(), key, secret, args.ip, args.signal),
+                ctx: scenario::context(
+                    server.ws_url.clone(),
+                    key,
+                    secret,
+                    args.ip,
+                    args.signal,
+                    args.transport,
+                ),
                 server,
                 cores,
                 quiet: args.quiet,

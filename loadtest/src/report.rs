@@ -43,7 +43,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 pub fn one_line(m: &Measurement, ok: bool) -> String {
     format!(
-        "{} size {} x{} room(s) ({} participants): fwd {:.0} pkt/s, server {:.3} cores = {} µs/pkt ({} pkt per CPU-s), loss {:.2} %, delay p50/p99 {}/{} ms, join p50/p99 {}/{} ms, generator {:.2} cores, bottleneck {}: {}",
+        "{} size {} x{} room(s) ({} participants): fwd {:.0} pkt/s, server {:.3} cores = {} µs/pkt ({} pkt per CPU-s), loss {:.2} %, delay p50/p99 {}/{} ms, join p50/p99 {}/{} ms, media in over TCP {:.0} %, generator {:.2} cores, bottleneck {}: {}",
         m.scenario,
         m.size,
         m.rooms,
@@ -57,6 +57,7 @@ pub fn one_line(m: &Measurement, ok: bool) -> String {
         opt(m.delay_p99_ms, 1),
         opt(m.join_p50_ms, 0),
         opt(m.join_p99_ms, 0),
+        m.tcp_share * 100.0,
         m.generator_cpu_cores,
         m.bottleneck,
         if ok { "held" } else { "did not hold" },

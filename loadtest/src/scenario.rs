@@ -122,6 +122,8 @@ pub struct Measurement {
     pub send_late_fraction: f64,
     /// Datagrams the server's socket would not take during the window.
     pub server_send_drops: u64,
+    /// Share of the server's media input that came over ICE-TCP.
+    pub tcp_share: f64,
     /// "none", or what limited the run instead of the server.
     pub bottleneck: String,
 }
@@ -281,6 +283,15 @@ impl Runner {
             join_p99_ms: ms(s.join_us.quantile(0.99)),
             send_late_fraction: late_fraction,
             server_send_drops: sb.send_drops.saturating_sub(sa.send_drops),
+            tcp_share: {
+                let udp = sb.udp_in.saturating_sub(sa.udp_in) as f64;
+                let tcp = sb.tcp_in.saturating_sub(sa.tcp_in) as f64;
+                if udp + tcp > 0.0 {
+                    tcp / (udp + tcp)
+                } else {
+                    0.0
+                }
+            },
             bottleneck: bottleneck.into(),
         }
     }
@@ -342,6 +353,7 @@ pub fn context(
     secret: String,
     bind_ip: std::net::IpAddr,
     flavor: client::Flavor,
+    transport: client::Transport,
 ) -> Arc<Ctx> {
     let mut keys = std::collections::HashMap::new();
     keys.insert(key.clone(), secret);
@@ -353,5 +365,6 @@ pub fn context(
         stats: Arc::new(Stats::default()),
         media_since: AtomicU64::new(0),
         flavor,
+        transport,
     })
 }

@@ -26,6 +26,9 @@ pub struct Sample {
     pub forwarded: u64,
     pub rtp_in: u64,
     pub send_drops: u64,
+    /// Media input by path: UDP datagrams and ICE-TCP frames.
+    pub udp_in: u64,
+    pub tcp_in: u64,
 }
 
 impl Server {
@@ -121,6 +124,8 @@ impl Server {
             forwarded: m("moselle_rtp_packets_forwarded_total").unwrap_or(0.0) as u64,
             rtp_in: m("moselle_rtp_packets_in_total").unwrap_or(0.0) as u64,
             send_drops: m("moselle_udp_send_drops_total").unwrap_or(0.0) as u64,
+            udp_in: m("moselle_udp_datagrams_in_total").unwrap_or(0.0) as u64,
+            tcp_in: m("moselle_tcp_frames_in_total").unwrap_or(0.0) as u64,
         };
         if let Some(u) = self.pid().and_then(|p| process_usage(Some(p))) {
             s.cpu_s = u.cpu_seconds;

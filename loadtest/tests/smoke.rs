@@ -99,6 +99,31 @@ fn every_scenario_and_the_ramp_flow_and_report() {
     );
 }
 
+/// Clients whose UDP is blocked: media only over ICE-TCP.
+#[test]
+fn meeting_over_ice_tcp_flows() {
+    let (_, json) = run_loadtest(
+        "loadtest-smoke-tcp",
+        &[
+            "--scenario",
+            "meeting",
+            "--transport",
+            "tcp",
+            "--no-baseline",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let m = &report["entries"][0]["steps"][0];
+    assert_eq!(m["join_failures"].as_u64(), Some(0), "{json}");
+    assert!(
+        m["received_pps"].as_f64().is_some_and(|v| v > 100.0),
+        "{json}"
+    );
+    assert!(m["loss"].as_f64().is_some_and(|v| v < 0.05), "{json}");
+    // The server's media input came over TCP, not UDP.
+    assert!(m["tcp_share"].as_f64().is_some_and(|v| v > 0.99), "{json}");
+}
+
 /// Two forwarding workers behind one port (the dispatcher), two rooms, and
 /// the two-connection signaling flavour (the other test uses one).
 #[test]
