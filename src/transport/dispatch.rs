@@ -89,13 +89,7 @@ pub fn run(
         unsafe { libc::poll(&mut pfd, 1, 200) };
         let mut now = Instant::now();
         loop {
-            let n = match rx.recv_batch() {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "media socket receive failed");
-                    0
-                }
-            };
+            let n = rx.recv_batch_or_log();
             if n == 0 {
                 break;
             }

@@ -205,13 +205,7 @@ impl Inlet {
             UdpIn::Socket { rx, more, .. } => {
                 *more = false;
                 for turn in 0..BATCHES_PER_TURN {
-                    let n = match rx.recv_batch() {
-                        Ok(n) => n,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "media socket receive failed");
-                            0
-                        }
-                    };
+                    let n = rx.recv_batch_or_log();
                     if n == 0 {
                         break;
                     }

@@ -189,6 +189,15 @@ impl UdpRx {
         }
     }
 
+    /// As [`Self::recv_batch`], an error logged and read as "nothing
+    /// waiting" (the socket stays; the next readiness tries again).
+    pub fn recv_batch_or_log(&mut self) -> usize {
+        self.recv_batch().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "media socket receive failed");
+            0
+        })
+    }
+
     /// The `i`th datagram of the last batch.
     pub fn datagram(&self, i: usize) -> Datagram<'_> {
         Datagram {

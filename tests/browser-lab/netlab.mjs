@@ -17,14 +17,22 @@
 // hub's (prefixed path_): udp_dropped (every UDP packet dropped),
 // udp_dropped_to_server (the part addressed to the server: its ICE checks),
 // other_dropped (the rest).
+// 'proxy-only' (the TURN cases, relay.mjs): the client reaches nothing but
+// the HTTP proxy (TCP to PROXY_PORT on the proxy's address): UDP is dropped
+// as in 'udp-blocked', and so is all direct TCP to the server, counted apart:
+// tcp_to_ice_tcp (packets to the server's ICE-TCP port), tcp_to_server (to
+// any other port of it).
 import { execFileSync } from 'node:child_process';
 import { startServer } from '../browser/harness.mjs';
 
 const TABLE = 'moselle_lab'; // inet, client namespace
 const PATH_TABLE = 'moselle_path'; // bridge, hub namespace
 const COUNTERS = ['udp_dropped', 'udp_dropped_to_server', 'other_dropped'];
+const PROXY_ONLY_COUNTERS = [...COUNTERS, 'tcp_to_ice_tcp', 'tcp_to_server'];
 // Fixed ports: this namespace cannot probe the server's for free ones.
 export const PORTS = { http: 17880, tcp: 17881, udp: 17882 };
+// The HTTP proxy's port on the proxy's address (relay.mjs starts tinyproxy there).
+export const PROXY_PORT = 8888;
 
 /** The lab tests/netlab.sh made; throws outside it. */
 export function lab() {
@@ -39,21 +47,22 @@ export function lab() {
 }
 
 /** `moselle serve --dev` in the server namespace on the server's address and
- * PORTS (ICE-TCP on PORTS.tcp). MOSELLE_LAB_SERVER_ARGS adds arguments
- * (e.g. `--no-ice-tcp` to watch the TCP-only cases fail). */
-export function startLabServer(l) {
+ * PORTS (ICE-TCP on PORTS.tcp), plus `args` (e.g. `--config FILE`).
+ * MOSELLE_LAB_SERVER_ARGS adds arguments (e.g. `--no-ice-tcp` to watch the
+ * TCP-only cases fail). */
+export function startLabServer(l, args = []) {
   process.env.NO_COLOR ??= '1'; // plain server log lines in failure messages
   const extra = (process.env.MOSELLE_LAB_SERVER_ARGS || '').split(/\s+/).filter(Boolean);
-  return startServer(['--tcp-port', String(PORTS.tcp), ...extra],
+  return startServer(['--tcp-port', String(PORTS.tcp), ...args, ...extra],
     { host: l.serverIp, ports: { http: PORTS.http, udp: PORTS.udp }, netns: l.nsServer });
 }
 
 const nft = (args, input, netns = null) => execFileSync(netns ? 'ip' : 'nft', netns ? ['netns', 'exec', netns, 'nft', ...args] : args,
   { input, encoding: 'utf8', stdio: ['pipe', 'pipe', 'pipe'] });
 
-const table = (family, name, hook, policy, rules) => [
+const table = (family, name, hook, policy, rules, counters = COUNTERS) => [
   `table ${family} ${name} {`,
-  ...COUNTERS.map((c) => `  counter ${c} { }`),
+  ...counters.map((c) => `  counter ${c} { }`),
   `  chain ${hook} {`,
   `    type filter hook ${hook} priority filter; policy ${policy};`,
   ...rules.map((r) => `    ${r}`),
@@ -67,7 +76,7 @@ const udpDrop = (serverIp) => [
   'meta l4proto udp drop',
 ];
 
-const KINDS = ['udp-blocked', 'udp-blackholed', 'udp-allowed'];
+const KINDS = ['udp-blocked', 'udp-blackholed', 'udp-allowed', 'proxy-only'];
 
 function removeTables(l) {
   try { nft(['delete', 'table', 'inet', TABLE]); } catch { /* not there */ }
@@ -82,11 +91,21 @@ export function firewall(l, kind) {
   if (!KINDS.includes(kind)) throw new Error(`unknown firewall case ${kind}`);
   const s = l.serverIp;
   removeTables(l); // left over from an interrupted run
-  const udp = kind === 'udp-blocked' ? udpDrop(s) : [`ip daddr ${s} meta l4proto udp accept`];
-  nft(['-f', '-'], table('inet', TABLE, 'output', 'drop', [
-    'oif "lo" accept', ...udp, 'ct state established,related accept', `ip daddr ${s} meta l4proto tcp accept`,
-    'counter name "other_dropped"',
-  ]));
+  if (kind === 'proxy-only') {
+    nft(['-f', '-'], table('inet', TABLE, 'output', 'drop', [
+      'oif "lo" accept', ...udpDrop(s),
+      `ip daddr ${s} tcp dport ${PORTS.tcp} counter name "tcp_to_ice_tcp" drop`,
+      `ip daddr ${s} meta l4proto tcp counter name "tcp_to_server" drop`,
+      'ct state established,related accept', `ip daddr ${l.proxyIp} tcp dport ${PROXY_PORT} accept`,
+      'counter name "other_dropped"',
+    ], PROXY_ONLY_COUNTERS));
+  } else {
+    const udp = kind === 'udp-blocked' ? udpDrop(s) : [`ip daddr ${s} meta l4proto udp accept`];
+    nft(['-f', '-'], table('inet', TABLE, 'output', 'drop', [
+      'oif "lo" accept', ...udp, 'ct state established,related accept', `ip daddr ${s} meta l4proto tcp accept`,
+      'counter name "other_dropped"',
+    ]));
+  }
   if (kind === 'udp-blackholed') {
     nft(['-f', '-'], table('bridge', PATH_TABLE, 'forward', 'accept', udpDrop(s).map((r) => `iifname "v-client" ${r}`)), l.nsHub);
   }

@@ -158,3 +158,69 @@ class Firewall:
         except Exception as e:  # for failure messages: never hide the original failure
             return f"<cannot read nft counters: {e}>"
         return ", ".join(f"{k} {v}" for k, v in c.items()) + " packets"
+
+
+# --------------------------------------------------------------------------- path blackholes
+
+FALLBACK_TABLE = "moselle_fallback"  # bridge, hub namespace (PathBlackhole)
+
+
+class PathBlackhole:
+    """Silent drops on the path between the client and the server, changed while a call runs
+    (the fallback tests: UDP dies mid-call, then TCP too, then TCP comes back). Table
+    `bridge moselle_fallback` in the hub namespace; both directions are dropped (frames from
+    the client's bridge port to the server and back), as a network that stops carrying a
+    protocol does. `set(udp=..., tcp_ports=...)` replaces what is dropped in one nft
+    transaction; the named counters (packets) keep counting across changes:
+        udp_to_server, udp_from_server        every UDP packet between client and server
+        tcp_to_server, tcp_from_server        TCP to/from the server's ports in tcp_ports
+    Use as a context manager (the table is deleted after it); nothing is dropped until set()."""
+
+    COUNTERS = ("udp_to_server", "udp_from_server", "tcp_to_server", "tcp_from_server")
+
+    def __init__(self, the_lab: Lab) -> None:
+        self.lab = the_lab
+        self.udp = False
+        self.tcp_ports: tuple[int, ...] = ()
+
+    def _rules(self) -> list[str]:
+        s = self.lab.server_ip
+        rules = []
+        if self.udp:
+            rules += [f'iifname "v-client" ip daddr {s} meta l4proto udp counter name "udp_to_server" drop',
+                      f'oifname "v-client" ip saddr {s} meta l4proto udp counter name "udp_from_server" drop']
+        for p in self.tcp_ports:
+            rules += [f'iifname "v-client" ip daddr {s} tcp dport {p} counter name "tcp_to_server" drop',
+                      f'oifname "v-client" ip saddr {s} tcp sport {p} counter name "tcp_from_server" drop']
+        return rules
+
+    def set(self, udp: bool = False, tcp_ports: tuple[int, ...] = ()) -> None:
+        self.udp, self.tcp_ports = udp, tuple(tcp_ports)
+        body = "".join(f"add rule bridge {FALLBACK_TABLE} forward {r}\n" for r in self._rules())
+        _nft("-f", "-", stdin=f"flush chain bridge {FALLBACK_TABLE} forward\n{body}", netns=self.lab.ns_hub)
+
+    def __enter__(self) -> "PathBlackhole":
+        self.remove()
+        counters = "".join(f"    counter {c} {{ }}\n" for c in self.COUNTERS)
+        _nft("-f", "-", netns=self.lab.ns_hub, stdin=(
+            f"table bridge {FALLBACK_TABLE} {{\n{counters}    chain forward {{\n"
+            f"        type filter hook forward priority filter; policy accept;\n    }}\n}}\n"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "netns", "exec", self.lab.ns_hub, "nft", "delete", "table", "bridge", FALLBACK_TABLE],
+                       capture_output=True, timeout=10)
+
+    def counters(self) -> dict[str, int]:
+        data = json.loads(_nft("-j", "list", "counters", "table", "bridge", FALLBACK_TABLE, netns=self.lab.ns_hub))
+        return {o["counter"]["name"]: o["counter"]["packets"] for o in data["nftables"] if "counter" in o}
+
+    def report(self) -> str:
+        try:
+            c = self.counters()
+        except Exception as e:  # for failure messages: never hide the original failure
+            return f"<cannot read nft counters: {e}>"
+        return ", ".join(f"{k} {v}" for k, v in c.items()) + " packets dropped on the path"
