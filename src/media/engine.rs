@@ -54,10 +54,12 @@ const PING_TIMEOUT: i32 = 15;
 pub(super) const HOUSEKEEPING: Duration = Duration::from_millis(500);
 /// How often connection quality is assessed (LiveKit: 5 s).
 pub(super) const QUALITY_INTERVAL: Duration = Duration::from_secs(5);
-/// ICE seen failing while signaling lives: the client gets this long to
-/// recover by itself (an ICE restart) before the server moves it down the
-/// fallback ladder.
-const ICE_LOST_GRACE: Duration = Duration::from_secs(3);
+/// ICE seen failing while signaling lives (str0m: no consent check for
+/// 15 s): this long later the server moves the session down the fallback
+/// ladder. Short, so the Leave reaches LiveKit clients before their own
+/// resume starts (about 1.5-3.5 s later, measured): they honour it at once
+/// then, but only after a resume has run its course (15 s) otherwise.
+const ICE_LOST_GRACE: Duration = Duration::from_secs(1);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
 pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
@@ -280,6 +282,16 @@ fn drain(
 fn client_configuration(rung: Rung) -> Option<lk::ClientConfiguration> {
     (rung == Rung::RelayOnly).then(|| lk::ClientConfiguration {
         force_relay: lk::ClientConfigSetting::Enabled as i32,
+        ..Default::default()
+    })
+}
+
+/// Tell a client to rejoin because its media failed (on the next rung).
+fn media_failure_rejoin() -> Resp {
+    Resp::Leave(lk::LeaveRequest {
+        reason: lk::DisconnectReason::MediaFailure as i32,
+        action: lk::leave_request::Action::Reconnect as i32,
+        can_reconnect: true,
         ..Default::default()
     })
 }
@@ -555,7 +567,9 @@ impl Core {
                     tracing::debug!(participant = %p.sid, state = ?s, "ice state");
                     use str0m::IceConnectionState as Ice;
                     match s {
-                        Ice::Disconnected => {
+                        // Only while signaling lives: a client that lost both
+                        // resumes, and is not moved down the ladder for it.
+                        Ice::Disconnected if p.detached_at.is_none() => {
                             p.ice_lost_at.get_or_insert(now);
                         }
                         Ice::Connected | Ice::Completed => p.ice_lost_at = None,
@@ -903,6 +917,18 @@ impl Core {
                 })
             });
             if let Some(key) = known {
+                // The client resumes because its media failed while its
+                // signaling lived: the next rung needs a fresh session, so
+                // answer the resume with a rejoin on it.
+                let lost = self.parts[key].ice_lost_at.is_some()
+                    && self.parts[key].state == lk::participant_info::State::Active
+                    && !self.parts[key].fallback_tried;
+                if lost && self.step_rung(key, Instant::now()) {
+                    self.remove_participant(key, None);
+                    let _ = out.try_send(Outgoing::Signal(Box::new(media_failure_rejoin())));
+                    let _ = out.try_send(Outgoing::Close);
+                    return Ok((usize::MAX, 0));
+                }
                 return Ok(self.resume(key, out));
             }
             // Nothing to resume: the client must join afresh.
@@ -1299,7 +1325,7 @@ impl Core {
     /// down the fallback ladder: remember the rung for their next join, and
     /// ask the client to rejoin (LiveKit clients do that at once).
     pub(super) fn ice_fallback(&mut self, now: Instant) {
-        let failed: Vec<(usize, Option<Proto>)> = self
+        let failed: Vec<usize> = self
             .parts
             .iter()
             .filter(|(_, p)| p.detached_at.is_none() && !p.broken && !p.fallback_tried)
@@ -1310,39 +1336,45 @@ impl Core {
                     && p.ice_lost_at
                         .is_some_and(|t| now.duration_since(t) >= ICE_LOST_GRACE)
             })
-            .map(|(k, p)| {
-                let path = p
-                    .sub_peer
-                    .as_ref()
-                    .and_then(|s| s.peer.last_proto)
-                    .or(p.peer.last_proto);
-                (k, path)
-            })
+            .map(|(k, _)| k)
             .collect();
+        for k in failed {
+            if self.step_rung(k, now) {
+                self.parts[k].send(media_failure_rejoin());
+                self.remove_participant(k, None);
+            }
+        }
+    }
+
+    /// Record the next rung for a session whose ICE failed while its
+    /// signaling lived; false if there is none to go to.
+    fn step_rung(&mut self, key: usize, now: Instant) -> bool {
         let offers = Offers {
             ice_tcp: !self.cfg.tcp_candidates.is_empty(),
             turn: !self.cfg.turn.is_empty(),
         };
-        for (k, path) in failed {
-            let p = &mut self.parts[k];
-            p.fallback_tried = true;
-            let room = &self.rooms[p.room].name;
-            let Some(next) = self
-                .fallbacks
-                .step(room, &p.identity, p.rung, path, offers, now)
-            else {
+        let p = &mut self.parts[key];
+        p.fallback_tried = true;
+        // The path the media last took says which rung failed.
+        let path = p
+            .sub_peer
+            .as_ref()
+            .and_then(|s| s.peer.last_proto)
+            .or(p.peer.last_proto);
+        let room = &self.rooms[p.room].name;
+        match self
+            .fallbacks
+            .step(room, &p.identity, p.rung, path, offers, now)
+        {
+            Some(next) => {
+                tracing::info!(participant = %p.sid, from = p.rung.name(), to = next.name(), "ICE failed while signaling lives: the client rejoins on the next rung");
+                MediaCounters::add(&self.counters.ice_fallbacks, 1);
+                true
+            }
+            None => {
                 tracing::info!(participant = %p.sid, rung = p.rung.name(), "ICE failed while signaling lives; no further rung to offer");
-                continue;
-            };
-            tracing::info!(participant = %p.sid, from = p.rung.name(), to = next.name(), "ICE failed while signaling lives: the client rejoins on the next rung");
-            MediaCounters::add(&self.counters.ice_fallbacks, 1);
-            p.send(Resp::Leave(lk::LeaveRequest {
-                reason: lk::DisconnectReason::MediaFailure as i32,
-                action: lk::leave_request::Action::Reconnect as i32,
-                can_reconnect: true,
-                ..Default::default()
-            }));
-            self.remove_participant(k, None);
+                false
+            }
         }
     }
 

@@ -19,16 +19,16 @@
 // other_dropped (the rest).
 // 'proxy-only' (the TURN cases, relay.mjs): the client reaches nothing but
 // the HTTP proxy (TCP to PROXY_PORT on the proxy's address): UDP is dropped
-// as in 'udp-blocked', and so is all direct TCP to the server, counted apart:
-// tcp_to_ice_tcp (packets to the server's ICE-TCP port), tcp_to_server (to
-// any other port of it).
+// as in 'udp-blocked', and so is all direct TCP to the server; connection
+// attempts (SYNs) are counted apart: tcp_syn_to_ice_tcp (to the server's
+// ICE-TCP port), tcp_syn_to_server (to any other port of it).
 import { execFileSync } from 'node:child_process';
 import { startServer } from '../browser/harness.mjs';
 
 const TABLE = 'moselle_lab'; // inet, client namespace
 const PATH_TABLE = 'moselle_path'; // bridge, hub namespace
 const COUNTERS = ['udp_dropped', 'udp_dropped_to_server', 'other_dropped'];
-const PROXY_ONLY_COUNTERS = [...COUNTERS, 'tcp_to_ice_tcp', 'tcp_to_server'];
+const PROXY_ONLY_COUNTERS = [...COUNTERS, 'tcp_syn_to_ice_tcp', 'tcp_syn_to_server'];
 // Fixed ports: this namespace cannot probe the server's for free ones.
 export const PORTS = { http: 17880, tcp: 17881, udp: 17882 };
 // The HTTP proxy's port on the proxy's address (relay.mjs starts tinyproxy there).
@@ -94,8 +94,11 @@ export function firewall(l, kind) {
   if (kind === 'proxy-only') {
     nft(['-f', '-'], table('inet', TABLE, 'output', 'drop', [
       'oif "lo" accept', ...udpDrop(s),
-      `ip daddr ${s} tcp dport ${PORTS.tcp} counter name "tcp_to_ice_tcp" drop`,
-      `ip daddr ${s} meta l4proto tcp counter name "tcp_to_server" drop`,
+      `ip daddr ${s} tcp dport ${PORTS.tcp} tcp flags & (syn | ack) == syn counter name "tcp_syn_to_ice_tcp" drop`,
+      `ip daddr ${s} tcp flags & (syn | ack) == syn counter name "tcp_syn_to_server" drop`,
+      // The rest of connections opened before these rules (the test runner's
+      // keep-alive connection that polled /healthz) ends here too, uncounted.
+      `ip daddr ${s} meta l4proto tcp drop`,
       'ct state established,related accept', `ip daddr ${l.proxyIp} tcp dport ${PROXY_PORT} accept`,
       'counter name "other_dropped"',
     ], PROXY_ONLY_COUNTERS));
@@ -175,3 +178,50 @@ export const describePair = (p) => (p
     + `${p.remote.protocol} ${p.remote.candidateType}${p.remote.tcpType ? `/${p.remote.tcpType}` : ''} ${p.remote.address}:${p.remote.port} `
     + `(${p.state}, nominated=${p.nominated}, sent ${p.bytesSent} B, received ${p.bytesReceived} B)`
   : 'no selected pair');
+
+const FALLBACK_TABLE = 'moselle_fallback'; // bridge, hub namespace (pathBlackhole)
+const FALLBACK_COUNTERS = ['udp_to_server', 'udp_from_server', 'tcp_to_server', 'tcp_from_server'];
+
+/**
+ * Silent drops on the path between the client and the server, changed while
+ * a call runs (the fallback tests), as tests/connectivity/netlab.py's
+ * PathBlackhole: table `bridge moselle_fallback` in the hub namespace, both
+ * directions dropped. `set({ udp, tcpPorts })` replaces what is dropped in
+ * one nft transaction; the counters (packets) keep counting across changes:
+ * udp_to_server, udp_from_server (all UDP between client and server),
+ * tcp_to_server, tcp_from_server (TCP to/from the server's `tcpPorts`).
+ * Nothing is dropped until set(); remove() deletes the table.
+ */
+export function pathBlackhole(l) {
+  const s = l.serverIp;
+  const remove = () => { try { nft(['delete', 'table', 'bridge', FALLBACK_TABLE], undefined, l.nsHub); } catch { /* not there */ } };
+  remove();
+  nft(['-f', '-'], table('bridge', FALLBACK_TABLE, 'forward', 'accept', [], FALLBACK_COUNTERS), l.nsHub);
+  const counters = () => Object.fromEntries(
+    JSON.parse(nft(['-j', 'list', 'counters', 'table', 'bridge', FALLBACK_TABLE], undefined, l.nsHub)).nftables
+      .filter((o) => o.counter).map((o) => [o.counter.name, o.counter.packets]));
+  return {
+    set({ udp = false, tcpPorts = [] } = {}) {
+      const rules = [];
+      if (udp) {
+        rules.push(`iifname "v-client" ip daddr ${s} meta l4proto udp counter name "udp_to_server" drop`,
+          `oifname "v-client" ip saddr ${s} meta l4proto udp counter name "udp_from_server" drop`);
+      }
+      for (const p of tcpPorts) {
+        rules.push(`iifname "v-client" ip daddr ${s} tcp dport ${p} counter name "tcp_to_server" drop`,
+          `oifname "v-client" ip saddr ${s} tcp sport ${p} counter name "tcp_from_server" drop`);
+      }
+      nft(['-f', '-'], [`flush chain bridge ${FALLBACK_TABLE} forward`,
+        ...rules.map((r) => `add rule bridge ${FALLBACK_TABLE} forward ${r}`), ''].join('\n'), l.nsHub);
+    },
+    counters,
+    report() {
+      try {
+        return `${Object.entries(counters()).map(([k, v]) => `${k} ${v}`).join(', ')} packets dropped on the path`;
+      } catch (e) {
+        return `<cannot read nft counters: ${e.message}>`;
+      }
+    },
+    remove,
+  };
+}
