@@ -12,6 +12,7 @@ step() { printf '\n=== %s\n' "$*"; }
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v openssl >/dev/null || need_apt+=(openssl)
 command -v nft >/dev/null || need_apt+=(nftables)
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
@@ -70,8 +71,9 @@ step "connectivity: LiveKit Python SDK with UDP blocked (network lab)"
 MOSELLE_BIN="$root/target/debug/moselle" PYTHONDONTWRITEBYTECODE=1 \
     tests/netlab.sh "$venv/bin/pytest" tests/connectivity -q
 
-step "connectivity: Chromium with UDP blocked (network lab)"
-MOSELLE_BIN="$root/target/debug/moselle" tests/netlab.sh node --test tests/browser-lab/
+# One file at a time: they share the client namespace's firewall and the lab's fixed ports.
+step "connectivity: Chromium with UDP blocked, and through an HTTP proxy with TURN over TLS (network lab)"
+MOSELLE_BIN="$root/target/debug/moselle" tests/netlab.sh node --test --test-concurrency=1 tests/browser-lab/
 
 echo
 echo "all tests passed"

@@ -73,7 +73,7 @@ export function coturnConfig(l, dir, secret) {
   const paths = { cert: join(dir, 'turn-cert.pem'), pkey: join(dir, 'turn-key.pem'), log: join(dir, 'turnserver.log'), pid: join(dir, 'turnserver.pid') };
   const set = {
     'listening-ip': l.serverIp, 'relay-ip': l.serverIp, 'allowed-peer-ip': l.serverIp,
-    'static-auth-secret': secret, cert: paths.cert, pkey: paths.pkey,
+    'static-auth-secret': secret, cert: paths.cert, pkey: paths.pkey, realm: 'turn.test',
   };
   // `verbose`: coturn logs sessions, allocations and their usage only then.
   const replace = { syslog: [`log-file=${paths.log}`, 'simple-log', 'verbose', `pid-file=${paths.pid}`] };

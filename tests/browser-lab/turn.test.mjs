@@ -27,6 +27,7 @@
 //   MOSELLE_BIN=target/debug/moselle tests/netlab.sh node --test tests/browser-lab/turn.test.mjs
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
+import { rmSync } from 'node:fs';
 import { openCall, inboundVideo, waitFor } from '../browser/harness.mjs';
 import { lab, startLabServer, firewall, selectedPairs, describePair, PORTS } from './netlab.mjs';
 import {
@@ -44,10 +45,12 @@ before(async () => {
   env.config = moselleConfigWithTurn(L, env.dir, env.coturn.secretFile);
   env.browser = await launchProxiedBrowser(L);
 });
+let failed = false; // keep the configs and logs of a failed run (their paths are in the failure)
 after(async () => {
   await env.browser?.close();
   await env.proxy?.stop();
   await env.coturn?.stop();
+  if (env.dir && !failed) rmSync(env.dir, { recursive: true, force: true });
 });
 
 const metrics = () => ({ udpIn: serverMetric(L, 'udp_datagrams_in_total'), tcpIn: serverMetric(L, 'tcp_frames_in_total') });
@@ -148,6 +151,7 @@ test('proxy only, with [[turn]]: two people see each other through coturn over T
     assert.ok(turn.allocations >= 2 && turn.peer.rb > 0 && turn.peer.sb > 0,
       `coturn should have allocated relays and carried media both ways between them and Moselle\n${report}`);
   } catch (e) {
+    failed = true;
     e.message = `${e.message}\n${context(fw, server, turnFrom, proxyFrom)}`;
     throw e;
   } finally {
@@ -184,6 +188,7 @@ test('proxy only, without [[turn]]: the call page fails to connect (the relay ca
     assert.equal(m1.tcpIn - m0.tcpIn, 0, `no media should have reached Moselle\n${report}`);
     assert.equal(turn.usernames.length, 0, `nobody was given coturn, yet it had sessions\n${report}`);
   } catch (e) {
+    failed = true;
     e.message = `${e.message}\n${context(fw, server, turnFrom, proxyFrom)}`;
     throw e;
   } finally {
