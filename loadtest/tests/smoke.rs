@@ -99,7 +99,9 @@ fn every_scenario_and_the_ramp_flow_and_report() {
     );
 }
 
-/// Clients whose UDP is blocked: media only over ICE-TCP.
+/// Clients whose UDP is blocked: media only over ICE-TCP, with two workers
+/// and two rooms (the acceptor hands each connection to the worker owning
+/// its peer).
 #[test]
 fn meeting_over_ice_tcp_flows() {
     let (_, json) = run_loadtest(
@@ -109,11 +111,16 @@ fn meeting_over_ice_tcp_flows() {
             "meeting",
             "--transport",
             "tcp",
+            "--workers",
+            "2",
+            "--rooms",
+            "2",
             "--no-baseline",
         ],
     );
     let report: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     let m = &report["entries"][0]["steps"][0];
+    assert_eq!(m["participants"].as_u64(), Some(6), "{json}");
     assert_eq!(m["join_failures"].as_u64(), Some(0), "{json}");
     assert!(
         m["received_pps"].as_f64().is_some_and(|v| v > 100.0),

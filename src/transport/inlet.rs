@@ -174,8 +174,9 @@ impl Inlet {
     pub async fn read<T: Copy>(&mut self, sink: &mut impl Sink<T>) -> std::io::Result<()> {
         let woke = {
             let (udp, tcp_ready, handoffs) = (&mut self.udp, &self.tcp_ready, &mut self.handoffs);
+            // Not biased: under a steady UDP load the UDP branch is always
+            // ready, and TCP connections must still get their turns.
             tokio::select! {
-                biased;
                 r = udp.wait() => { r?; Woke::Udp }
                 r = tcp_ready.readable() => { r?.clear_ready(); Woke::Tcp }
                 h = async {
