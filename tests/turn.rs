@@ -145,3 +145,57 @@ fn a_turn_server_in_another_jurisdiction_stops_the_node() {
     assert!(!ok, "the node started without its TURN secret: {stderr}");
     assert!(stderr.contains("/nonexistent/secret"), "{stderr}");
 }
+
+/// The first SignalResponse on `path` (no JoinResponse expected).
+async fn first_response(addr: std::net::SocketAddr, path: &str) -> Resp {
+    use futures_util::StreamExt;
+    use prost::Message as _;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+        .await
+        .expect("upgrade");
+    let first = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .expect("a first message")
+        .expect("socket open")
+        .expect("no socket error");
+    let tokio_tungstenite::tungstenite::Message::Binary(b) = first else {
+        panic!("not binary: {first:?}")
+    };
+    moselle::signaling::proto::SignalResponse::decode(b.as_ref())
+        .expect("SignalResponse")
+        .message
+        .expect("a message")
+}
+
+#[tokio::test]
+async fn a_resume_gets_fresh_turn_credentials() {
+    let f = secret_file("resume", "resume-secret");
+    let s = start_with(|c| {
+        c.turn = vec![TurnConfig {
+            urls: vec!["turns:turn.example.lu:443?transport=tcp".into()],
+            secret_file: f.clone(),
+            ttl_secs: 900,
+            jurisdiction: "LU".into(),
+        }];
+    })
+    .await;
+    let tok = token("r-resume", "alice");
+    let (_ws, jr) = join(s.addr, &tok).await;
+    let sid = jr.participant.unwrap().sid;
+    let path = format!("/rtc?access_token={tok}&reconnect=1&sid={sid}&protocol=16");
+    let Resp::Reconnect(rr) = first_response(s.addr, &path).await else {
+        panic!("a resume is answered with a ReconnectResponse first")
+    };
+    assert_eq!(rr.ice_servers.len(), 1, "{:?}", rr.ice_servers);
+    let ice = &rr.ice_servers[0];
+    assert_eq!(ice.urls, ["turns:turn.example.lu:443?transport=tcp"]);
+    assert!(
+        ice.username.ends_with(&format!(":{sid}")),
+        "{}",
+        ice.username
+    );
+    assert_eq!(
+        ice.credential,
+        rest_api_password("resume-secret", &ice.username)
+    );
+}

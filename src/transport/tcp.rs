@@ -647,6 +647,82 @@ mod tests {
         assert!(frames_of(&max).next().expect("a valid length").is_none());
     }
 
+    /// A peer that stops reading: sending never blocks, what does not fit
+    /// is dropped whole and counted, and what was sent still frames.
+    #[test]
+    fn a_full_connection_drops_whole_frames_without_blocking() {
+        let counters: Arc<MediaCounters> = Arc::default();
+        let census = Arc::new(Census {
+            open: Mutex::new((0, HashMap::new())),
+            counters: counters.clone(),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut peer =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (stream, remote) = listener.accept().expect("accept");
+        let poll = Poll::new().expect("poll");
+        let mut conns = TcpConns::new(
+            poll.registry().try_clone().expect("registry"),
+            TcpLimits::default(),
+            counters.clone(),
+        );
+        let admission = census
+            .admit(remote.ip(), &TcpLimits::default())
+            .expect("admitted");
+        let mut batch = RxBatch::default();
+        conns.adopt(
+            Handoff {
+                local: stream.local_addr().expect("local"),
+                stream,
+                remote,
+                frames: Frames::default(),
+                admission,
+            },
+            &mut batch,
+            Instant::now(),
+        );
+        assert_eq!(conns.len(), 1);
+        // 40 MB offered to a peer that reads nothing: far beyond any socket
+        // buffer. The loop finishing at all shows nothing blocked.
+        let frame = [0x5au8; 1000];
+        let offered = 40_000;
+        let started = Instant::now();
+        for _ in 0..offered {
+            conns.send(remote, &frame);
+            conns.flush();
+        }
+        let dropped = MediaCounters::get(&counters.tcp_send_drops);
+        assert!(dropped > 0, "a full connection must drop");
+        assert!(dropped < offered, "what fit must have been sent");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // The peer reads while what is queued drains; then the connection
+        // closes. Every frame it got is whole.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let _ = peer.read_to_end(&mut got);
+            got
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while conns.conns[0].out_sent < conns.conns[0].out.len() && Instant::now() < deadline {
+            conns.writable(0);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(conns);
+        let got = reader.join().expect("reader");
+        let mut frames = Frames { buf: got, head: 0 };
+        let mut whole = 0u64;
+        while let Ok(Some(r)) = frames.next() {
+            assert!(frames.buf[r].iter().all(|b| *b == 0x5a));
+            whole += 1;
+        }
+        assert_eq!(frames.buffered(), 0, "no partial frame was left");
+        assert_eq!(
+            whole + dropped,
+            offered,
+            "each frame was sent whole or dropped"
+        );
+    }
+
     #[test]
     fn census_limits_per_address_and_in_all() {
         let census = Arc::new(Census {
