@@ -214,7 +214,11 @@ test('UDP and ICE-TCP die mid-call: the server sends Chromium to the tcp rung, a
     lines.push(`  path: ${hole.report()}`, '  timeline:', await timeline(t0, people, marks, consoleLines));
     report = lines.join('\n');
     console.log(report);
-    assert.ok(dropped.udp_to_server > 0 && dropped.tcp_to_server > 0, `the blackhole should have dropped UDP and ICE-TCP:\n${report}`);
+    // UDP is what the client was using: its loss must show. Whether Chromium
+    // tries ICE-TCP before the server's Leave varies (its spare TCP
+    // connections were closed by the first-STUN deadline); TCP drops are
+    // reported above, the TCP rule being in place is what stops recovery.
+    assert.ok(dropped.udp_to_server > 0, `the blackhole should have dropped the call's UDP:\n${report}`);
     assert.ok(fb >= 1, `the server's ladder should have acted:\n${report}`);
     assert.deepEqual(same, [], `both pages should have rejoined (new participant sid) by themselves:\n${report}`);
     assert.ok(ok && wrong.length === 0, `within ${RECOVERY_TIMEOUT_MS / 1000}s of TCP reopening both pages should be on tcp pairs `
