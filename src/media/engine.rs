@@ -1099,7 +1099,28 @@ impl Core {
             self.negotiate_subscriber(key);
         }
         self.broadcast_participant(key, false);
+        self.send_current_speakers(key);
         Ok((key, gen))
+    }
+
+    /// Speaker updates are deltas: one who joins (or resumes) while someone
+    /// keeps talking at a steady level would otherwise never hear of them.
+    fn send_current_speakers(&mut self, key: usize) {
+        let Some(p) = self.parts.get(key) else {
+            return;
+        };
+        let speakers: Vec<lk::SpeakerInfo> = self.rooms[p.room]
+            .speakers
+            .iter()
+            .map(|(sid, level)| lk::SpeakerInfo {
+                sid: sid.clone(),
+                level: *level,
+                active: true,
+            })
+            .collect();
+        if !speakers.is_empty() {
+            self.parts[key].send(Resp::SpeakersChanged(lk::SpeakersChanged { speakers }));
+        }
     }
 
     /// A client whose socket dropped comes back: same participant, same
@@ -1144,6 +1165,7 @@ impl Core {
         if p.sub_peer.is_some() {
             self.restart_subscriber_ice(key);
         }
+        self.send_current_speakers(key);
         (key, gen)
     }
 

@@ -320,6 +320,40 @@ def test_active_speakers(server):
     run(scenario, timeout=60)
 
 
+def test_late_joiner_learns_who_is_speaking(server):
+    """Speaker updates are deltas. C joins while A keeps talking at a steady
+    level and publishes nothing itself: nothing changes after C's join, yet
+    C's SDK must still report A speaking (the server tells a newcomer who
+    speaks now)."""
+    room = unique_room("late-speaker")
+
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(Client("A"))
+            b = await stack.enter_async_context(Client("B"))
+            await a.connect(server.url, server.token("A", room))
+            await b.connect(server.url, server.token("B", room))
+            await a.publish_audio(440.0)
+            await b.events.wait_for(
+                "active_speakers_changed",
+                lambda speakers: [p.identity for p in speakers] == ["A"],
+                EVENT_TIMEOUT_S,
+                "A speaking, seen by B",
+            )
+            # Let the level settle so no further delta is due.
+            await asyncio.sleep(2.0)
+            c = await stack.enter_async_context(Client("C"))
+            await c.connect(server.url, server.token("C", room))
+            await c.events.wait_for(
+                "active_speakers_changed",
+                lambda speakers: [p.identity for p in speakers] == ["A"],
+                EVENT_TIMEOUT_S,
+                "A speaking, seen by C who joined late",
+            )
+
+    run(scenario, timeout=60)
+
+
 def _nft(*args: str) -> None:
     subprocess.run(["nft", *args], check=True, capture_output=True, text=True)
 
