@@ -136,8 +136,11 @@ def _q(s: str) -> str:
 class Synapse:
     """One Synapse homeserver process. Not thread-safe; one instance per test module is typical."""
 
-    def __init__(self, host: str = HOST, python: str = sys.executable):
+    def __init__(self, host: str = HOST, python: str = sys.executable,
+                 extra_config: Optional[dict[str, Any]] = None):
         self.host = host
+        # Merged last into homeserver.yaml (top-level keys replace), e.g. MatrixRTC settings.
+        self.extra_config = dict(extra_config or {})
         self.python = python
         self.server_name = SERVER_NAME
         self.port: Optional[int] = None
@@ -269,6 +272,7 @@ class Synapse:
             "rc_admin_redaction": _GENEROUS,
             "rc_profile": _GENEROUS,
         }
+        cfg.update(self.extra_config)
         self.config_path.write_text(json.dumps(cfg, indent=2))
 
     def _generate_keys(self) -> None:
