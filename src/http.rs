@@ -67,6 +67,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     s.media.cluster.counters.render(&mut text);
     if let Some(t) = &s.tokens {
         crate::metrics::render_counters(&mut text, t.counters.snapshot());
+        crate::metrics::render_counters(&mut text, t.delegations.counters.snapshot());
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

@@ -219,9 +219,13 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             ),
             issued: Default::default(),
             counters: Default::default(),
+            delegations: Default::default(),
         });
         tokio::spawn(crate::matrix::watch::run(svc.clone()));
-        tracing::info!("MatrixRTC token service at /get_token and /sfu/get");
+        tokio::spawn(crate::matrix::delegation::run(svc.clone()));
+        tracing::info!(
+            "MatrixRTC token service at /get_token, /sfu/get and /delegate_delayed_leave"
+        );
         Some(svc)
     } else {
         None

@@ -9,6 +9,8 @@
 //!   first placement wins, concurrent ones agree) and renewed by the
 //!   hosting node while the room is open.
 //! - `noderooms:{id}`: rooms placed on a node; its size is the node's load.
+//! - `leavejobs:{id}`: delayed-leave delegations handed to the node that
+//!   holds their room (a list, expiring if that node never takes them).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -209,6 +211,36 @@ impl RedisRegistry {
         Err(PlacementError::Unavailable(
             "placement did not settle".into(),
         ))
+    }
+
+    /// Hand a delayed-leave delegation to the node holding its room.
+    pub async fn hand_leave_job(&self, node: &str, job: &str) -> Result<(), PlacementError> {
+        let key = format!("{PREFIX}leavejobs:{node}");
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .cmd("RPUSH")
+            .arg(&key)
+            .arg(job)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(self.node_ttl.as_secs().max(1) * 4)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Delegations handed to this node since the last call (at most `max`).
+    pub async fn take_leave_jobs(&self, max: usize) -> Result<Vec<String>, PlacementError> {
+        let mut c = self.conn.clone();
+        let jobs: Option<Vec<String>> = redis::cmd("LPOP")
+            .arg(format!("{PREFIX}leavejobs:{}", self.me.id))
+            .arg(max)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(jobs.unwrap_or_default())
     }
 
     pub async fn locate(&self, room: &str) -> Result<Option<NodeInfo>, PlacementError> {

@@ -88,6 +88,17 @@ struct WellKnown {
 }
 
 #[derive(Deserialize)]
+struct ClientWellKnown {
+    #[serde(rename = "m.homeserver")]
+    homeserver: ClientWellKnownHs,
+}
+
+#[derive(Deserialize)]
+struct ClientWellKnownHs {
+    base_url: String,
+}
+
+#[derive(Deserialize)]
 struct UserInfo {
     sub: String,
 }
@@ -143,6 +154,34 @@ impl Homeservers {
             }
         }
         Ok(format!("https://{server_name}:8448"))
+    }
+
+    /// Client-server API base URL of `server_name`: the configured
+    /// override, else `.well-known/matrix/client` (an https URL only), else
+    /// `https://{server_name}`. Never a URL a client supplied.
+    pub async fn client_url(&self, server_name: &str) -> Result<String, HsError> {
+        if let Some(u) = self.overrides.get(server_name) {
+            return Ok(u.clone());
+        }
+        if !valid_server_name(server_name) {
+            return Err(HsError::BadServerName(server_name.into()));
+        }
+        let wk = self
+            .http
+            .get(format!("https://{server_name}/.well-known/matrix/client"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success());
+        if let Some(resp) = wk {
+            if let Ok(w) = resp.json::<ClientWellKnown>().await {
+                let url = w.homeserver.base_url.trim_end_matches('/');
+                if url.starts_with("https://") {
+                    return Ok(url.to_string());
+                }
+            }
+        }
+        Ok(format!("https://{server_name}"))
     }
 
     /// The user an OpenID token belongs to, as its homeserver says.

@@ -3,6 +3,7 @@
 //! with the user's homeserver and checks that the user is joined to the
 //! room, then issues a LiveKit token for the call's SFU room.
 
+pub mod delegation;
 pub mod homeserver;
 pub mod limits;
 pub mod names;

@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use moselle_signaling::token::{join_claims, Claims, KeySet};
 use serde::Deserialize;
 
+use super::delegation::{self, Delegations, LeaveJob};
 use super::homeserver::{Homeservers, HsError, Membership};
 use super::limits::RateLimiter;
 use super::names;
@@ -37,6 +38,7 @@ pub struct TokenService {
     pub per_user: RateLimiter,
     pub issued: Issued,
     pub counters: TokenCounters,
+    pub delegations: Delegations,
 }
 
 #[derive(Default)]
@@ -143,7 +145,27 @@ struct GetToken {
     slot_id: String,
     openid_token: Option<OpenIdToken>,
     member: Option<Member>,
-    // Delayed-leave delegation is accepted and not acted on.
+    // Delayed-leave delegation (see `delegation`). `delay_cs_api_url` is
+    // accepted and ignored, as lk-jwt-service does: the homeserver's URL
+    // is found from its server name, never taken from the client.
+    #[serde(default)]
+    delay_id: Option<String>,
+    #[serde(default)]
+    delay_timeout: Option<i64>,
+    #[serde(default)]
+    delay_cs_api_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct DelegateLeave {
+    #[serde(default)]
+    room_id: String,
+    #[serde(default)]
+    slot_id: String,
+    openid_token: Option<OpenIdToken>,
+    member: Option<Member>,
     #[serde(default)]
     delay_id: Option<String>,
     #[serde(default)]
@@ -173,6 +195,7 @@ pub fn router(svc: Arc<TokenService>) -> Router {
     Router::new()
         .route("/get_token", post(get_token))
         .route("/sfu/get", post(sfu_get))
+        .route("/delegate_delayed_leave", post(delegate_delayed_leave))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(svc)
 }
@@ -197,20 +220,33 @@ fn bad_json(svc: &TokenService, msg: &str) -> Refuse {
     Refuse(StatusCode::BAD_REQUEST, "M_BAD_JSON", msg.into())
 }
 
+/// The delayed leave a request delegates, if any: (delay id, timeout ms).
 fn check_delay(
     svc: &TokenService,
     id: &Option<String>,
     timeout: &Option<i64>,
-) -> Result<(), Refuse> {
-    let has_id = id.as_deref().is_some_and(|s| !s.is_empty());
-    let has_timeout = timeout.is_some_and(|t| t > 0);
-    if has_id != has_timeout {
-        return Err(bad_json(
+) -> Result<Option<(String, u64)>, Refuse> {
+    let id = id.as_deref().filter(|s| !s.is_empty());
+    let timeout = timeout.filter(|t| *t > 0);
+    match (id, timeout) {
+        (None, None) => Ok(None),
+        (Some(id), Some(t)) => {
+            if id.len() > 255 {
+                return Err(bad_json(svc, "`delay_id` is too long"));
+            }
+            if !(delegation::MIN_TIMEOUT_MS..=delegation::MAX_TIMEOUT_MS).contains(&t) {
+                return Err(bad_json(
+                    svc,
+                    "`delay_timeout` must be between 5 seconds and 7 days (milliseconds)",
+                ));
+            }
+            Ok(Some((id.to_string(), t as u64)))
+        }
+        _ => Err(bad_json(
             svc,
             "The request body is missing `delay_id` or `delay_timeout`",
-        ));
+        )),
     }
-    Ok(())
 }
 
 async fn get_token(
@@ -237,7 +273,7 @@ async fn get_token(
         ));
     };
     let openid = openid_of(svc, &req.openid_token)?;
-    check_delay(svc, &req.delay_id, &req.delay_timeout)?;
+    let delay = check_delay(svc, &req.delay_id, &req.delay_timeout)?;
     let user = verify(svc, openid).await?;
     if user != member.claimed_user_id {
         bump(&svc.counters.unauthorized);
@@ -252,6 +288,7 @@ async fn get_token(
         &req.room_id,
         sfu_room,
         identity,
+        delay,
     )
     .await
 }
@@ -271,7 +308,7 @@ async fn sfu_get(
         Some(t) if !t.access_token.is_empty() && !t.matrix_server_name.is_empty() => t,
         _ => return Err(bad_json(svc, "Missing OpenID token parameters")),
     };
-    check_delay(svc, &req.delay_id, &req.delay_timeout)?;
+    let delay = check_delay(svc, &req.delay_id, &req.delay_timeout)?;
     let user = verify(svc, openid).await?;
     let sfu_room = names::room_name(&req.room, names::LEGACY_SLOT);
     let identity = names::legacy_identity(&user, &req.device_id);
@@ -282,8 +319,124 @@ async fn sfu_get(
         &req.room,
         sfu_room,
         identity,
+        delay,
     )
     .await
+}
+
+/// `POST /delegate_delayed_leave`: delegate the delayed leave of a
+/// participant already in the call (no token issued). Element Call probes
+/// it without a body: any answer but 404 says delegation is supported.
+async fn delegate_delayed_leave(
+    State(svc): State<Arc<TokenService>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Result<Response, Refuse> {
+    let svc = &*svc;
+    limit_address(svc, peer)?;
+    let req: DelegateLeave = parse(svc, &body)?;
+    if req.room_id.is_empty() || req.slot_id.is_empty() {
+        return Err(bad_json(
+            svc,
+            "The request body is missing `room_id` or `slot_id`",
+        ));
+    }
+    let member = req.member.as_ref().filter(|m| {
+        !m.id.is_empty() && !m.claimed_user_id.is_empty() && !m.claimed_device_id.is_empty()
+    });
+    let Some(member) = member else {
+        return Err(bad_json(
+            svc,
+            "The request body `member` is missing `id`, `claimed_user_id` or `claimed_device_id`",
+        ));
+    };
+    let openid = openid_of(svc, &req.openid_token)?;
+    let Some(delay) = check_delay(svc, &req.delay_id, &req.delay_timeout)? else {
+        return Err(bad_json(
+            svc,
+            "The request body is missing `delay_id` or `delay_timeout`",
+        ));
+    };
+    let user = verify(svc, openid).await?;
+    if user != member.claimed_user_id {
+        bump(&svc.counters.unauthorized);
+        return Err(unauthorized());
+    }
+    let server = &openid.matrix_server_name;
+    if !homeserver_in(&svc.cfg.full_access_homeservers, server) {
+        bump(&svc.counters.forbidden);
+        return Err(Refuse(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "Delegation of delayed events is only supported for full access users".into(),
+        ));
+    }
+    check_member(svc, &req.room_id, &user).await?;
+    let sfu_room = names::room_name(&req.room_id, &req.slot_id);
+    let identity = names::identity(&user, &member.claimed_device_id, &member.id);
+    let node = match svc.media.cluster.locate(&sfu_room).await {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            return Err(Refuse(
+                StatusCode::NOT_FOUND,
+                "M_NOT_FOUND",
+                "This call is not running".into(),
+            ))
+        }
+        Err(_) => return Err(unavailable(svc, "Room placement")),
+    };
+    delegate(svc, server, &node.id, sfu_room, identity, delay).await?;
+    Ok(Json(serde_json::json!({})).into_response())
+}
+
+/// Hand a delayed leave to the node holding its call (this one, or another
+/// through Redis), once the user's homeserver is known to be reachable.
+async fn delegate(
+    svc: &TokenService,
+    server: &str,
+    node: &str,
+    room: String,
+    identity: String,
+    (delay_id, timeout_ms): (String, u64),
+) -> Result<(), Refuse> {
+    if svc.homeservers.client_url(server).await.is_err() {
+        return Err(bad_json(svc, "Unable to resolve client-server API"));
+    }
+    let job = LeaveJob {
+        room,
+        identity,
+        server_name: server.to_string(),
+        delay_id,
+        timeout_ms,
+    };
+    let cluster = &svc.media.cluster;
+    let taken = match &cluster.redis {
+        Some(r) if node != cluster.me.id => match serde_json::to_string(&job) {
+            Ok(text) => r.hand_leave_job(node, &text).await.is_ok(),
+            Err(_) => false,
+        },
+        _ => svc.delegations.add(job, std::time::Instant::now()),
+    };
+    if taken {
+        Ok(())
+    } else {
+        Err(unavailable(svc, "The delegation store"))
+    }
+}
+
+async fn check_member(svc: &TokenService, room_id: &str, user: &str) -> Result<(), Refuse> {
+    match svc.membership.is_joined(room_id, user).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            bump(&svc.counters.forbidden);
+            Err(Refuse(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                "You are not a member of this room".into(),
+            ))
+        }
+        Err(_) => Err(unavailable(svc, "The homeserver checking room membership")),
+    }
 }
 
 fn openid_of<'a>(
@@ -387,7 +540,6 @@ pub fn call_claims(
         v.can_publish = Some(full);
         v.can_subscribe = Some(true);
         v.can_publish_data = Some(true);
-        v.room_create = full;
         v.can_update_own_metadata = Some(metadata);
     }
     claims
@@ -400,20 +552,17 @@ async fn issue(
     room_id: &str,
     sfu_room: String,
     identity: String,
+    delay: Option<(String, u64)>,
 ) -> Result<Response, Refuse> {
-    match svc.membership.is_joined(room_id, user).await {
-        Ok(true) => {}
-        Ok(false) => {
-            bump(&svc.counters.forbidden);
-            return Err(Refuse(
-                StatusCode::FORBIDDEN,
-                "M_FORBIDDEN",
-                "You are not a member of this room".into(),
-            ));
-        }
-        Err(_) => return Err(unavailable(svc, "The homeserver checking room membership")),
-    }
+    check_member(svc, room_id, user).await?;
     let full = homeserver_in(&svc.cfg.full_access_homeservers, server);
+    if delay.is_some() && !full {
+        // As lk-jwt-service; Element Call then asks again without it.
+        return Err(bad_json(
+            svc,
+            "Delegation of delayed events is only supported for full access users",
+        ));
+    }
     let cluster = &svc.media.cluster;
     let started = match cluster.locate(&sfu_room).await {
         Ok(n) => n.is_some(),
@@ -444,6 +593,23 @@ async fn issue(
             ));
         }
     };
+    // Full-access users start the call: the room is opened (here) or its
+    // placement stands (elsewhere) before the answer, so the token itself
+    // needs no roomCreate.
+    if full && node.id == cluster.me.id && !svc.media.open_room(&sfu_room).await {
+        return Err(unavailable(svc, "The media engine"));
+    }
+    if let Some(delay) = delay {
+        delegate(
+            svc,
+            server,
+            &node.id,
+            sfu_room.clone(),
+            identity.clone(),
+            delay,
+        )
+        .await?;
+    }
     let url = if cluster.redis.is_some() {
         node.url
     } else {
@@ -479,7 +645,7 @@ mod tests {
         let ttl = Duration::from_secs(600);
         let full = call_claims("R", "I", ttl, true, false);
         let v = full.video();
-        assert!(v.room_join && v.can_publish() && v.can_subscribe() && v.room_create);
+        assert!(v.room_join && v.can_publish() && v.can_subscribe() && !v.room_create);
         assert!(
             !v.room_admin
                 && !v.room_list

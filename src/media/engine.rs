@@ -90,7 +90,15 @@ pub enum Command {
     Join {
         ticket: Box<JoinTicket>,
         out: OutboundTx,
+        /// Placement put the room on this node: it may be opened even
+        /// without auto-create or a roomCreate grant.
+        placed_here: bool,
         reply: oneshot::Sender<Result<(usize, u64), Refusal>>,
+    },
+    /// Open a room ahead of its first join (idempotent).
+    OpenRoom {
+        room: String,
+        reply: oneshot::Sender<()>,
     },
     Signal {
         key: usize,
@@ -783,9 +791,21 @@ impl Core {
 
     pub(super) fn command(&mut self, c: Command) {
         match c {
-            Command::Join { ticket, out, reply } => {
-                let r = self.join(*ticket, out);
+            Command::Join {
+                ticket,
+                out,
+                placed_here,
+                reply,
+            } => {
+                let r = self.join(*ticket, out, placed_here);
                 let _ = reply.send(r);
+            }
+            Command::OpenRoom { room, reply } => {
+                if !self.room_by_name.contains_key(&room) {
+                    let k = self.create_room(&room);
+                    self.rooms[k].unjoined_since = Some(Instant::now());
+                }
+                let _ = reply.send(());
             }
             Command::Signal { key, gen, msg } => {
                 if self.parts.get(key).is_some_and(|p| p.gen == gen) {
@@ -905,6 +925,7 @@ impl Core {
         &mut self,
         ticket: JoinTicket,
         out: OutboundTx,
+        placed_here: bool,
     ) -> Result<(usize, u64), Refusal> {
         let JoinTicket { claims, options } = ticket;
         let grant = claims.video().clone();
@@ -938,8 +959,11 @@ impl Core {
         }
         let room_key = match self.room_by_name.get(&grant.room) {
             Some(k) => *k,
-            // With auto-create off, only a token granting roomCreate starts a room.
-            None if self.cfg.auto_create || grant.room_create => self.create_room(&grant.room),
+            // With auto-create off, only a token granting roomCreate or a
+            // placement made ahead (token service, server API) opens a room.
+            None if self.cfg.auto_create || grant.room_create || placed_here => {
+                self.create_room(&grant.room)
+            }
             None => {
                 return Err(refusal(
                     StatusCode::NOT_FOUND,
@@ -1054,6 +1078,7 @@ impl Core {
         let room = &mut self.rooms[room_key];
         room.participants.push(key);
         room.empty_since = None;
+        room.unjoined_since = None;
 
         // JoinResponse first, as every client requires.
         let others: Vec<lk::ParticipantInfo> = room
@@ -1179,6 +1204,7 @@ impl Core {
             participants: Vec::new(),
             tracks: Slab::new(),
             empty_since: None,
+            unjoined_since: None,
             sif_trailer: sif,
             speakers: Vec::new(),
             departure_timeout_secs: self.cfg.departure_timeout_secs,
@@ -1494,9 +1520,11 @@ impl Core {
             .iter()
             .filter(|(_, r)| {
                 r.participants.is_empty()
-                    && r.empty_since.is_some_and(|t| {
+                    && (r.empty_since.is_some_and(|t| {
                         now.duration_since(t) >= Duration::from_secs(r.departure_timeout_secs)
-                    })
+                    }) || r.unjoined_since.is_some_and(|t| {
+                        now.duration_since(t) >= Duration::from_secs(r.empty_timeout_secs)
+                    }))
             })
             .map(|(k, _)| k)
             .collect();

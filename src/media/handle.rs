@@ -108,6 +108,23 @@ impl MediaHandle {
         });
     }
 
+    /// Open `room` on this node ahead of its first join; closed again after
+    /// the room's empty timeout if nobody joins. Returns false if the
+    /// engine is not running.
+    pub async fn open_room(&self, room: &str) -> bool {
+        let (reply, wait) = oneshot::channel();
+        let sent = self.worker_for(room).send(Command::OpenRoom {
+            room: room.to_string(),
+            reply,
+        });
+        sent.is_ok() && wait.await.is_ok()
+    }
+
+    /// Whether this join may open a room that is not open yet.
+    fn may_open(&self, ticket: &JoinTicket) -> bool {
+        self.auto_create || ticket.claims.video().room_create
+    }
+
     pub fn room_exists(&self, room: &str) -> bool {
         self.directory
             .read()
@@ -125,6 +142,14 @@ impl Drop for MediaHandle {
     fn drop(&mut self) {
         self.transport_stop.store(true, Ordering::Relaxed);
     }
+}
+
+fn room_not_found() -> Refusal {
+    Refusal::new(
+        StatusCode::NOT_FOUND,
+        "room_not_found",
+        "requested room does not exist",
+    )
 }
 
 struct Link {
@@ -162,19 +187,13 @@ impl Backend for MediaHandle {
     }
 
     fn precheck(&self, ticket: &JoinTicket) -> Result<(), Refusal> {
-        if !self.auto_create && !ticket.claims.video().room_create {
-            let exists = self
-                .directory
-                .read()
-                .map(|d| d.contains(&ticket.claims.video().room))
-                .unwrap_or(false);
-            if !exists {
-                return Err(Refusal::new(
-                    StatusCode::NOT_FOUND,
-                    "room_not_found",
-                    "requested room does not exist",
-                ));
-            }
+        // Alone, a room no join may open is refused before the upgrade;
+        // with Redis it may be placed here already, which join() asks.
+        if !self.may_open(ticket)
+            && self.cluster.redis.is_none()
+            && !self.room_exists(&ticket.claims.video().room)
+        {
+            return Err(room_not_found());
         }
         Ok(())
     }
@@ -183,11 +202,18 @@ impl Backend for MediaHandle {
         Box::pin(async move {
             // A room lives where placement puts it, or nowhere.
             let room = ticket.claims.video().room.clone();
+            let mut placed_here = false;
             if !self.room_exists(&room) && !ticket.options.reconnect {
                 let c = &self.cluster;
-                match c.place(&room, c.allowed_for(None)).await {
-                    Ok(node) if node.id == c.me.id => {}
-                    Ok(node) => {
+                let found = if self.may_open(&ticket) {
+                    c.place(&room, c.allowed_for(None)).await.map(Some)
+                } else {
+                    // Opened only where it was placed ahead of this join.
+                    c.locate(&room).await
+                };
+                match found {
+                    Ok(Some(node)) if node.id == c.me.id => placed_here = true,
+                    Ok(Some(node)) => {
                         c.counters
                             .wrong_node
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -200,6 +226,7 @@ impl Backend for MediaHandle {
                             ),
                         ));
                     }
+                    Ok(None) => return Err(room_not_found()),
                     Err(e) => {
                         return Err(Refusal::new(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -222,6 +249,7 @@ impl Backend for MediaHandle {
                 .send(Command::Join {
                     ticket: Box::new(ticket),
                     out,
+                    placed_here,
                     reply,
                 })
                 .map_err(|_| unavailable())?;

@@ -81,6 +81,9 @@ pub struct Room {
     pub participants: Vec<usize>,
     pub tracks: Slab<Track>,
     pub empty_since: Option<Instant>,
+    /// Opened ahead of any join (by the token service or the server API):
+    /// closed after `empty_timeout_secs` if nobody comes.
+    pub unjoined_since: Option<Instant>,
     pub sif_trailer: Vec<u8>,
     /// Speakers last announced, by participant sid.
     pub speakers: Vec<(String, f32)>,
