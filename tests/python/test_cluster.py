@@ -30,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def redis_server(tmp_path_factory):
     port = _free_port()
     proc = subprocess.Popen(
@@ -57,7 +57,8 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synapse(tmp_path_factory):
-    hs = Synapse().start(tmp_path_factory.mktemp("synapse"))
+    hs = Synapse(extra_config={"max_event_delay_duration": "24h"})
+    hs.start(tmp_path_factory.mktemp("synapse"))
     yield hs
     hs.stop()
 
@@ -77,13 +78,8 @@ def _node_config(d: Path, node_id: str, jurisdiction: str, redis_url: str, matri
     return str(path)
 
 
-def test_token_service_sends_callers_to_the_lu_node_and_media_flows_there(tmp_path, redis_server, synapse):
-    redis_proc, redis_url = redis_server
-    admin = synapse.register("svc", admin=True)
-    alice, bob = synapse.register("alice"), synapse.register("bob")
-    room_id = alice.create_room()
-    bob.join(room_id)
-    matrix = f"""[matrix]
+def _matrix_section(synapse, admin) -> str:
+    return f"""[matrix]
 enabled = true
 livekit_url = "ws://unused"
 full_access_homeservers = ["localhost"]
@@ -104,6 +100,15 @@ homeserver_url = "{synapse.base_url}"
 access_token = "{admin.access_token}"
 
 """
+
+
+def test_token_service_sends_callers_to_the_lu_node_and_media_flows_there(tmp_path, redis_server, synapse):
+    redis_proc, redis_url = redis_server
+    admin = synapse.register("svc", admin=True)
+    alice, bob = synapse.register("alice"), synapse.register("bob")
+    room_id = alice.create_room()
+    bob.join(room_id)
+    matrix = _matrix_section(synapse, admin)
     nodes = {}
     try:
         for node_id, j in (("lu-1", "LU"), ("lu-2", "LU")):
@@ -154,6 +159,54 @@ access_token = "{admin.access_token}"
                 assert st_.frames - before >= 20, f"video stalled without Redis: {st_.describe()}"
 
         run(scenario, timeout=60)
+    finally:
+        for n in nodes.values():
+            stop_moselle(n)
+
+
+def test_delayed_leave_delegated_on_one_node_is_kept_by_the_node_holding_the_call(tmp_path, redis_server, synapse):
+    """Alice asks the DE node for a token and delegates her delayed leave
+    there; the call is placed on the LU node, which takes the delegation
+    over through Redis: her membership outlives its 5 s delay while she is
+    connected, and ends within seconds once she leaves the SFU."""
+    from test_delegation import join_call, membership, metric, wait_left, DELAY_MS
+    _, redis_url = redis_server
+    admin = synapse.register("svc2", admin=True)
+    alice = synapse.register("alice2")
+    room_id = alice.create_room()
+    matrix = _matrix_section(synapse, admin)
+    nodes = {}
+    try:
+        for node_id, j in (("lu-1", "LU"), ("de-1", "DE")):
+            d = tmp_path / node_id
+            d.mkdir()
+            # Every node runs the token service: delegations are carried out
+            # by the node that holds the call.
+            nodes[node_id] = start_moselle(d, ["--config", _node_config(d, node_id, j, redis_url, matrix)])
+        time.sleep(1.5)  # first heartbeats
+        lu, de = nodes["lu-1"], nodes["de-1"]
+        delay_id = join_call(synapse, alice, room_id, "DEVC")
+        st, tok = post(de, "/sfu/get", {"room": room_id, "openid_token": alice.openid_token(),
+                                         "device_id": "DEVC", "delay_id": delay_id,
+                                         "delay_timeout": DELAY_MS})
+        assert st == 200, tok
+        assert tok["url"] == lu.url, "the call is placed on the LU node"
+
+        async def scenario():
+            c = Client("alice")
+            await c.connect(tok["url"], tok["jwt"])
+            await c.publish_audio(440.0)
+            await asyncio.sleep(3 * DELAY_MS / 1000)
+            assert membership(synapse, alice, room_id, "DEVC") != {}, "the leave fired during the call"
+            await c.disconnect()
+            await c.aclose()
+
+        run(scenario, timeout=60)
+        took = wait_left(synapse, alice, room_id, "DEVC", timeout=10)
+        print(f"delegated leave through Redis, after a disconnect: {took:.1f} s")
+        assert metric(lu, "matrix_delegations_accepted_total") == 1
+        assert metric(lu, "matrix_delegated_leaves_sent_total") == 1
+        assert metric(de, "matrix_delegations_accepted_total") == 0
     finally:
         for n in nodes.values():
             stop_moselle(n)
