@@ -45,7 +45,8 @@ pub fn app(
             CorsLayer::new()
                 .allow_origin(Any)
                 .allow_methods(Any)
-                .allow_headers(Any),
+                // Mirrored: a wildcard would not cover `Authorization`.
+                .allow_headers(tower_http::cors::AllowHeaders::mirror_request()),
         );
     // The call page mints tokens: same origin only, so no CORS for it.
     match call_page {

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 from pathlib import Path
 
@@ -208,3 +209,28 @@ def test_leave_fires_at_once_when_the_client_leaves_without_sending_it(node, syn
     print(f"delegated leave after a clean disconnect: {took:.1f} s")
     assert took < 3.5, took
     assert metric(node, "matrix_delegated_leaves_sent_total") == sent_before + 1
+
+
+def test_cors_lets_element_call_ask_from_its_own_origin(node):
+    """Element Call calls the service from the browser, from another origin:
+    preflights are answered and answers carry Access-Control-Allow-Origin."""
+    import urllib.request
+    for path in ("/sfu/get", "/get_token", "/delegate_delayed_leave"):
+        req = urllib.request.Request(f"{node.http_url}{path}", method="OPTIONS", headers={
+            "Origin": "http://localhost:8080",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.status == 200, (path, r.status)
+            assert r.headers["access-control-allow-origin"] == "*", (path, dict(r.headers))
+            allowed = r.headers["access-control-allow-methods"] or ""
+            assert "POST" in allowed or allowed == "*", (path, allowed)
+            hdrs = (r.headers["access-control-allow-headers"] or "").lower()
+            assert "content-type" in hdrs or hdrs == "*", (path, hdrs)
+    req = urllib.request.Request(f"{node.http_url}/delegate_delayed_leave", data=b"", method="POST",
+                                 headers={"Origin": "http://localhost:8080"})
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        raise AssertionError("an empty probe must not succeed")
+    except urllib.error.HTTPError as e:
+        assert e.code == 400 and e.headers["access-control-allow-origin"] == "*"
