@@ -245,6 +245,45 @@ impl KeySet {
         )
         .map_err(|e| TokenError::Sign(e.to_string()))
     }
+
+    /// Mint a token whose payload a browser's `atob` can read. Element Call
+    /// reads its claims with `atob`, which refuses base64url's `-` and `_`.
+    /// Those arise only from bytes whose low six bits are 62 or 63 (`>`,
+    /// `?`, `~`, DEL, or any non-ASCII byte), so such characters are written
+    /// as JSON `\u` escapes: the same claims, an atob-safe payload.
+    pub fn mint_atob_safe(&self, key: &str, claims: &Claims) -> Result<String, TokenError> {
+        let secret = self.keys.get(key).ok_or(TokenError::UnknownKey)?;
+        let mut claims = claims.clone();
+        claims.iss = key.to_string();
+        let json = serde_json::to_string(&claims).map_err(|e| TokenError::Sign(e.to_string()))?;
+        let raw = serde_json::value::RawValue::from_string(escape_for_atob(&json))
+            .map_err(|e| TokenError::Sign(e.to_string()))?;
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &raw,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .map_err(|e| TokenError::Sign(e.to_string()))
+    }
+}
+
+/// `json` with every character that could encode to base64url's `-` or `_`
+/// escaped. They can only stand inside strings, where an escape means the
+/// same character.
+fn escape_for_atob(json: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() && !matches!(c, '>' | '?' | '~' | '\x7f') {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{u:04x}");
+            }
+        }
+    }
+    out
 }
 
 /// The grant rules a join needs, separate from the signature check.
@@ -296,6 +335,26 @@ mod tests {
 
     fn keys() -> KeySet {
         KeySet::new(HashMap::from([("devkey".into(), "secret".into())]))
+    }
+
+    #[test]
+    fn atob_safe_tokens_carry_the_same_claims_without_base64url_only_characters() {
+        let ks = keys();
+        // Characters whose UTF-8 bytes produce `-` or `_` in base64url.
+        let sub = "@z\u{f6}e:example.org:DEV~?>\u{1f600}\u{7f}";
+        let mut plain_had_them = false;
+        for pad in 0..3 {
+            let claims = join_claims(&"r".repeat(pad + 1), sub, Duration::from_secs(60));
+            let plain = ks.mint("devkey", &claims).unwrap();
+            plain_had_them |= plain.split('.').nth(1).unwrap().contains(['-', '_']);
+            let safe = ks.mint_atob_safe("devkey", &claims).unwrap();
+            let payload = safe.split('.').nth(1).unwrap();
+            assert!(!payload.contains(['-', '_']), "{payload}");
+            let back = ks.verify_join(&safe).unwrap();
+            assert_eq!(back.sub, sub);
+            assert_eq!(back.video().room, "r".repeat(pad + 1));
+        }
+        assert!(plain_had_them, "the case must matter for plain tokens");
     }
 
     #[test]

@@ -623,7 +623,7 @@ async fn issue(
         full,
         svc.cfg.allow_metadata_updates,
     );
-    let jwt = svc.keys.mint(&svc.key, &claims).map_err(|_| {
+    let jwt = svc.keys.mint_atob_safe(&svc.key, &claims).map_err(|_| {
         Refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             "M_UNKNOWN",
