@@ -152,6 +152,32 @@ impl Cluster {
         }
     }
 
+    /// The node holding `room`, for a join that may not open rooms itself.
+    /// A call whose node died is placed again (a running call goes on on a
+    /// survivor), but only in the jurisdiction it was placed in, and only if
+    /// policy still allows that jurisdiction.
+    pub async fn locate_or_revive(&self, room: &str) -> Result<Option<NodeInfo>, PlacementError> {
+        let Some(r) = &self.redis else {
+            return self.locate(room).await;
+        };
+        let Some(p) = r.placement(room).await? else {
+            return Ok(None);
+        };
+        if let Some(live) = p.live {
+            return Ok(Some(live));
+        }
+        let still_allowed = self.allowed.contains(&p.jurisdiction)
+            || self
+                .per_homeserver
+                .values()
+                .any(|l| l.contains(&p.jurisdiction));
+        if p.jurisdiction.is_empty() || !still_allowed {
+            return Ok(None);
+        }
+        tracing::info!(jurisdiction = %p.jurisdiction, "the node holding a call is gone: placing the call again");
+        self.place(room, &[p.jurisdiction]).await.map(Some)
+    }
+
     /// Every room with the node and jurisdiction serving it.
     pub async fn rooms(&self) -> Result<Vec<RoomPlacement>, PlacementError> {
         match &self.redis {

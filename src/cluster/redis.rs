@@ -5,9 +5,10 @@
 //!   unless the node's heartbeat renews it: a node that stops is dropped
 //!   within `node_ttl`.
 //! - `nodes`: set of node ids ever seen (dead ones are pruned on sight).
-//! - `room:{name}`: the id of the node holding the room, set with NX (the
-//!   first placement wins, concurrent ones agree) and renewed by the
-//!   hosting node while the room is open.
+//! - `room:{name}`: `{node id}\t{jurisdiction}` of the node holding the
+//!   room, set with NX (the first placement wins, concurrent ones agree) and
+//!   renewed by the hosting node while the room is open. The jurisdiction
+//!   outlives the node: a call whose node died is re-placed only there.
 //! - `noderooms:{id}`: rooms placed on a node; its size is the node's load.
 //! - `leavejobs:{id}`: delayed-leave delegations handed to the node that
 //!   holds their room (a list, expiring if that node never takes them).
@@ -56,6 +57,24 @@ pub struct RedisRegistry {
     capacity: u32,
     node_ttl: Duration,
     room_ttl: Duration,
+}
+
+/// A room key's value for `node`.
+fn tag(node: &NodeInfo) -> String {
+    format!("{}\t{}", node.id, node.jurisdiction)
+}
+
+/// (node id, jurisdiction) of a room key's value.
+fn untag(v: &str) -> (&str, &str) {
+    v.split_once('\t').unwrap_or((v, ""))
+}
+
+/// Where a room was placed: the node's id and jurisdiction, and the node if
+/// it still runs.
+pub struct Placement {
+    pub node_id: String,
+    pub jurisdiction: String,
+    pub live: Option<NodeInfo>,
 }
 
 fn unavailable(e: redis::RedisError) -> PlacementError {
@@ -141,8 +160,9 @@ impl RedisRegistry {
                 .query_async(&mut c)
                 .await
                 .map_err(unavailable)?;
-            if let Some(id) = current {
-                match self.node(&id).await? {
+            if let Some(value) = current {
+                let (id, _) = untag(&value);
+                match self.node(id).await? {
                     Some((info, _, _)) if allowed.contains(&info.jurisdiction) => return Ok(info),
                     // Held in a jurisdiction this request may not use.
                     Some(_) => return Err(refuse()),
@@ -150,7 +170,7 @@ impl RedisRegistry {
                         // Its node stopped heartbeating: place it again.
                         let _: i64 = redis::Script::new(RELEASE_IF)
                             .key(&room_key)
-                            .arg(&id)
+                            .arg(&value)
                             .invoke_async(&mut c)
                             .await
                             .map_err(unavailable)?;
@@ -196,13 +216,13 @@ impl RedisRegistry {
             let winner: String = redis::Script::new(PLACE)
                 .key(&room_key)
                 .key(format!("{PREFIX}noderooms:{}", chosen.id))
-                .arg(&chosen.id)
+                .arg(tag(&chosen))
                 .arg(self.room_ttl.as_secs().max(1))
                 .arg(room)
                 .invoke_async(&mut c)
                 .await
                 .map_err(unavailable)?;
-            if winner == chosen.id {
+            if untag(&winner).0 == chosen.id {
                 tracing::info!(node = %chosen.id, jurisdiction = %chosen.jurisdiction, "room placed");
                 return Ok(chosen);
             }
@@ -251,9 +271,26 @@ impl RedisRegistry {
             .await
             .map_err(unavailable)?;
         match id {
-            Some(id) => Ok(self.node(&id).await?.map(|n| n.0)),
+            Some(v) => Ok(self.node(untag(&v).0).await?.map(|n| n.0)),
             None => Ok(None),
         }
+    }
+
+    /// Where `room` was placed, whether or not its node still runs.
+    pub async fn placement(&self, room: &str) -> Result<Option<Placement>, PlacementError> {
+        let mut c = self.conn.clone();
+        let v: Option<String> = redis::cmd("GET")
+            .arg(format!("{PREFIX}room:{room}"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let Some(v) = v else { return Ok(None) };
+        let (id, jurisdiction) = untag(&v);
+        Ok(Some(Placement {
+            node_id: id.to_string(),
+            jurisdiction: jurisdiction.to_string(),
+            live: self.node(id).await?.map(|n| n.0),
+        }))
     }
 
     pub async fn rooms(&self) -> Result<Vec<RoomPlacement>, PlacementError> {
@@ -277,18 +314,20 @@ impl RedisRegistry {
                     .query_async(&mut c)
                     .await
                     .map_err(unavailable)?;
-                let Some(id) = id else { continue };
-                if !nodes.contains_key(&id) {
-                    let info = self.node(&id).await?.map(|n| n.0);
-                    nodes.insert(id.clone(), info);
+                let Some(v) = id else { continue };
+                let (id, placed_in) = untag(&v);
+                if !nodes.contains_key(id) {
+                    let info = self.node(id).await?.map(|n| n.0);
+                    nodes.insert(id.to_string(), info);
                 }
-                let jurisdiction = nodes[&id]
+                // The jurisdiction it was placed in, even if its node died.
+                let jurisdiction = nodes[id]
                     .as_ref()
                     .map(|n| n.jurisdiction.clone())
-                    .unwrap_or_default();
+                    .unwrap_or_else(|| placed_in.to_string());
                 out.push(RoomPlacement {
                     room: k.trim_start_matches(&format!("{PREFIX}room:")).to_string(),
-                    node: id,
+                    node: id.to_string(),
                     jurisdiction,
                 });
             }
@@ -333,7 +372,7 @@ impl RedisRegistry {
             let _: i64 = redis::Script::new(RENEW)
                 .key(format!("{PREFIX}room:{room}"))
                 .key(&set)
-                .arg(&self.me.id)
+                .arg(tag(&self.me))
                 .arg(self.room_ttl.as_secs().max(1))
                 .arg(room)
                 .invoke_async(&mut c)
@@ -348,7 +387,7 @@ impl RedisRegistry {
                 .arg(format!("{PREFIX}room:{room}"))
                 .query_async(&mut c)
                 .await?;
-            if holder.as_deref() != Some(self.me.id.as_str()) {
+            if holder.as_deref().map(|h| untag(h).0) != Some(self.me.id.as_str()) {
                 let _: i64 = redis::cmd("SREM")
                     .arg(&set)
                     .arg(&room)

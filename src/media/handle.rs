@@ -208,8 +208,9 @@ impl Backend for MediaHandle {
                 let found = if self.may_open(&ticket) {
                     c.place(&room, c.allowed_for(None)).await.map(Some)
                 } else {
-                    // Opened only where it was placed ahead of this join.
-                    c.locate(&room).await
+                    // Opened only where it was placed ahead of this join
+                    // (or again, if the node that held it died).
+                    c.locate_or_revive(&room).await
                 };
                 match found {
                     Ok(Some(node)) if node.id == c.me.id => placed_here = true,

@@ -210,3 +210,75 @@ def test_delayed_leave_delegated_on_one_node_is_kept_by_the_node_holding_the_cal
     finally:
         for n in nodes.values():
             stop_moselle(n)
+
+
+def test_a_call_whose_node_dies_goes_on_on_the_surviving_lu_node(tmp_path, redis_server, synapse):
+    """Two LU nodes. The node holding a running call is killed (SIGKILL).
+    Its participants come back with the tokens they hold, on the other LU
+    node (as clients do when the call's URL moves there, e.g. a floating
+    address): once the dead node's registration expires the call is placed
+    again, in LU, and media flows. Time from the kill to the call's return
+    is printed."""
+    _, redis_url = redis_server
+    admin = synapse.register("svc3", admin=True)
+    alice, bob = synapse.register("alice3"), synapse.register("bob3")
+    room_id = alice.create_room()
+    bob.join(room_id)
+    matrix = _matrix_section(synapse, admin)
+    nodes = {}
+    try:
+        for node_id in ("lu-1", "lu-2"):
+            d = tmp_path / node_id
+            d.mkdir()
+            nodes[node_id] = start_moselle(d, ["--config", _node_config(d, node_id, "LU", redis_url, matrix)])
+        time.sleep(1.5)  # first heartbeats
+        st, a = post(nodes["lu-1"], "/get_token", get_token_body(alice, room_id, alice.openid_token()))
+        assert st == 200, a
+        st, b = post(nodes["lu-1"], "/get_token",
+                      get_token_body(bob, room_id, bob.openid_token(), device="D2", member="m2"))
+        assert st == 200, b
+        held = next(n for n in nodes if nodes[n].url == a["url"])
+        other = next(n for n in nodes if n != held)
+
+        async def connect_until(identity, url, token, deadline_s):
+            t0 = time.monotonic()
+            last = None
+            while time.monotonic() - t0 < deadline_s:
+                c = Client(identity)
+                try:
+                    await c.connect(url, token)
+                    return c, time.monotonic() - t0
+                except AssertionError as e:  # 409 while the dead node still counts as alive
+                    last = e
+                    await c.aclose()
+                    await asyncio.sleep(0.5)
+            raise AssertionError(f"{identity} could not rejoin on {url}: {last}")
+
+        async def scenario():
+            ca = Client("alice")
+            await ca.connect(a["url"], a["jwt"])
+            await ca.publish_audio(440.0)
+            nodes[held].proc.kill()  # SIGKILL: no drain, no goodbye
+            nodes[held].proc.wait()
+            t_kill = time.monotonic()
+            url = nodes[other].url
+            ca2, took_a = await connect_until("alice", url, a["jwt"], 20)
+            cb, _ = await connect_until("bob", url, b["jwt"], 20)
+            apub = await ca2.publish_audio(440.0)
+            await cb.events.wait_for("track_subscribed", _pub_sid(apub.sid), 10, "alice's audio")
+            st_ = cb.probe.audio[apub.sid]
+            await wait_until(lambda: st_.loud_seconds() >= 0.5, 10, lambda: f"bob should hear alice: {st_.describe()}")
+            print(f"call back on {other} {time.monotonic() - t_kill:.1f} s after {held} was killed "
+                  f"(alice rejoined after {took_a:.1f} s; node_ttl 3 s)")
+            for c in (ca2, cb):
+                await c.aclose()
+            with contextlib.suppress(Exception):
+                await ca.aclose()
+
+        run(scenario, timeout=90)
+        # Re-placed in LU, on the survivor.
+        st, again = post(nodes[other], "/get_token", get_token_body(alice, room_id, alice.openid_token()))
+        assert st == 200 and again["url"] == nodes[other].url, again
+    finally:
+        for n in nodes.values():
+            stop_moselle(n)
