@@ -66,6 +66,9 @@ MOSELLE_BIN="$root/target/debug/moselle" tests/python/run.sh -q
 step "browser: livekit-client in headless Chromium"
 MOSELLE_BIN="$root/target/debug/moselle" tests/netns.sh node --test tests/browser/
 
+step "Element Call: the real app in Chromium, Synapse with MatrixRTC, end-to-end encrypted calls"
+MOSELLE_BIN="$root/target/debug/moselle" tests/element-call/run.sh
+
 # Client, server and proxy in separate namespaces, nftables on the client.
 step "connectivity: LiveKit Python SDK with UDP blocked (network lab)"
 MOSELLE_BIN="$root/target/debug/moselle" PYTHONDONTWRITEBYTECODE=1 \
