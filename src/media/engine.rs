@@ -839,7 +839,18 @@ impl Core {
                 }
             }
             Command::Closed { key, gen } => {
-                if let Some(p) = self.parts.get_mut(key).filter(|p| p.gen == gen) {
+                let Some(p) = self.parts.get_mut(key).filter(|p| p.gen == gen) else {
+                    self.reap_broken();
+                    return;
+                };
+                if p.state != lk::participant_info::State::Active {
+                    // Clients resume only sessions whose media connected; one
+                    // given up while connecting (Element Call cancels a probe
+                    // connection at once) would linger as a ghost for the
+                    // whole resume window.
+                    tracing::info!(participant = %p.sid, "signaling closed before media connected");
+                    self.remove_participant(key, None);
+                } else {
                     // Media goes on; the client may resume the session.
                     p.detached_at.get_or_insert_with(Instant::now);
                     tracing::info!(participant = %p.sid, "signaling lost, waiting for a resume");
