@@ -39,8 +39,13 @@ pub struct Forwarder {
 /// a keyframe reached it was not helped by it (a wrong E2EE key, a broken
 /// decoder); the publisher's keyframes cost every other subscriber, so such
 /// requests are passed on at doubling intervals, up to [`Self::MAX`].
+/// A new subscriber of an E2EE call cannot decode until its keys arrive
+/// over Matrix (Element Call: about 5 s after the media); the first
+/// keyframe after that must not wait out a long backoff, so while young
+/// the intervals stop at [`Self::MAX_YOUNG`].
 #[derive(Debug, Clone, Default)]
 struct KeyframeGate {
+    first_request: Option<Instant>,
     last_request: Option<Instant>,
     backoff: Duration,
     keyframe_sent: bool,
@@ -49,10 +54,18 @@ struct KeyframeGate {
 impl KeyframeGate {
     const FIRST: Duration = Duration::from_secs(1);
     const MAX: Duration = Duration::from_secs(8);
+    const YOUNG: Duration = Duration::from_secs(20);
+    const MAX_YOUNG: Duration = Duration::from_secs(2);
     /// A request this long after the previous one starts afresh.
     const FORGET: Duration = Duration::from_secs(20);
 
     fn allow(&mut self, now: Instant) -> bool {
+        let first = *self.first_request.get_or_insert(now);
+        let max = if now.saturating_duration_since(first) < Self::YOUNG {
+            Self::MAX_YOUNG
+        } else {
+            Self::MAX
+        };
         if let Some(last) = self.last_request {
             let since = now.saturating_duration_since(last);
             if since >= Self::FORGET {
@@ -60,7 +73,7 @@ impl KeyframeGate {
             } else if since < self.backoff {
                 return false;
             } else if self.keyframe_sent {
-                self.backoff = (self.backoff * 2).clamp(Self::FIRST, Self::MAX);
+                self.backoff = (self.backoff * 2).clamp(Self::FIRST, max);
             }
         }
         self.last_request = Some(now);
@@ -330,12 +343,24 @@ mod tests {
                 f.on_packet(0, seq, 0, true, at(ms + 50));
             }
         }
-        assert_eq!(passed, [200, 400, 1400, 3400, 7400, 15400, 23400]);
+        // Young (first 20 s): every 2 s at most; then doubling up to 8 s.
+        assert_eq!(
+            passed,
+            [200, 400, 1400, 3400, 5400, 7400, 9400, 11400, 13400, 15400, 17400, 19400, 21400]
+        );
+        for ms in (24_200..40_000).step_by(200) {
+            if f.allow_keyframe_request(at(ms)) {
+                passed.push(ms);
+                seq += 1;
+                f.on_packet(0, seq, 0, true, at(ms + 50));
+            }
+        }
+        assert_eq!(&passed[13..], [25400, 33400]);
         // Quiet for a while: trusted again.
-        assert!(f.allow_keyframe_request(at(45_000)));
-        f.on_packet(0, seq + 1, 0, true, at(45_050));
-        assert!(f.allow_keyframe_request(at(45_200)));
-        assert!(!f.allow_keyframe_request(at(45_400)));
+        assert!(f.allow_keyframe_request(at(60_000)));
+        f.on_packet(0, seq + 1, 0, true, at(60_050));
+        assert!(f.allow_keyframe_request(at(60_200)));
+        assert!(!f.allow_keyframe_request(at(60_400)));
     }
 
     #[test]
