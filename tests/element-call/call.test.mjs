@@ -2,141 +2,16 @@
 // a host page of ours as Element Web embeds it, against a real Synapse and a
 // real Moselle node: Matrix users in an end-to-end-encrypted room hold a call.
 // Run with tests/element-call/run.sh (inside tests/netns.sh).
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { OUT, openUser, decodingOver, waitFor } from './lib.mjs';
 import {
-  OUT, requireComponents, buildHost, startStatic, startSynapse, startMoselle, freePort, IP,
-  launchBrowser, openUser, decodingOver, waitFor,
-} from './lib.mjs';
+  SESSION, env, setup, backend, saveLogs, explain, seesAndHears, firstFrame, keysFrom, timing, e2eeSummary,
+  twoUsersCall, discovered,
+} from './calls.mjs';
 
-const KEYS = 'io.element.call.encryption_keys';
-const SESSION = { matrix_rtc_session: { wait_for_key_rotation_ms: 5000 } };
-const env = { statics: null, browser: null, apps: {} };
-
-before(async () => {
-  requireComponents();
-  await buildHost();
-  env.statics = await startStatic(env.apps);
-  env.browser = await launchBrowser();
-});
-
-after(async () => {
-  await env.browser?.close().catch(() => {});
-  await env.statics?.close();
-});
-
-/** A Synapse (with or without /rtc/transports pointing at Moselle) and its Moselle node. */
-async function backend(t, { transports }) {
-  const httpPort = await freePort(IP);
-  const synapse = await startSynapse({ transportUrl: transports ? `http://${IP}:${httpPort}` : '' });
-  t.after(() => synapse.stop());
-  const moselle = await startMoselle(synapse, httpPort);
-  t.after(() => moselle.stop());
-  return { synapse, moselle };
-}
-
-/** Keep every log of a test in tests/out/element-call-logs/<tag>-*.log, for reading afterwards. */
-async function saveLogs(tag, users, moselle, synapse) {
-  const dir = join(OUT, 'element-call-logs');
-  mkdirSync(dir, { recursive: true });
-  for (const u of users) {
-    writeFileSync(join(dir, `${tag}-${u.name}.log`), `${JSON.stringify(await u.host().catch((x) => String(x)), null, 1)}\n${u.log.join('\n')}\n`);
-  }
-  if (moselle) writeFileSync(join(dir, `${tag}-moselle.log`), moselle.log.join('\n') + '\n');
-  if (synapse) writeFileSync(join(dir, `${tag}-synapse.log`), `synapse dir: ${synapse.dir}\n${synapse.log.join('')}`);
-}
-
-/** Fail with everything that helps: the host's view, the page logs, Moselle's log. */
-async function explain(e, users, moselle) {
-  const parts = [e.stack || e.message];
-  for (const u of users) {
-    parts.push(`--- ${u.name} host: ${JSON.stringify(await u.host().catch((x) => String(x)))}`);
-    parts.push(`--- ${u.name} log (last 60):\n${u.log.slice(-60).join('\n')}`);
-  }
-  if (moselle) parts.push(`--- moselle log (last 60):\n${moselle.log.slice(-60).join('\n')}`);
-  return new Error(parts.join('\n'));
-}
-
-/** Wait until `user` decodes `n` remote videos (5+ frames in a 1 s window) and hears `n` remote audios. */
-async function seesAndHears(user, n, what, timeoutMs = 45000) {
-  let last;
-  try {
-    return await waitFor(what, async () => {
-      last = await decodingOver(user, 1000);
-      const fluent = last.video.filter((v) => v.delta >= 5 && v.width > 0).length;
-      return fluent >= n && last.hearingAudios >= n ? last : null;
-    }, timeoutMs, 0);
-  } catch (e) {
-    throw new Error(`${e.message}; last window: ${JSON.stringify(last)}`);
-  }
-}
-
-/** When (epoch ms) `user` had decoded frames of `n` remote videos (polled every 100 ms). */
-async function firstFrame(user, n = 1, timeoutMs = 60000) {
-  await waitFor(`${user.name} to decode frames of ${n} remote video(s)`, async () => {
-    const s = await user.inbound();
-    return s && s.video.filter((v) => v.framesDecoded > 0 && v.width > 0).length >= n;
-  }, timeoutMs, 100);
-  return Date.now();
-}
-
-/** When (epoch ms) `user`'s host received the first media key from each peer. */
-const keysFrom = (h) => Object.fromEntries(h.keysLog.filter((k) => k.dir === 'received').reverse().map((k) => [k.peer.split(':')[0], k.at]));
-
-/** "join" to first decoded remote frame, for the log: from the widget's load and from io.element.join. */
-function timing(name, times, frameAt, peerJoinedAt) {
-  const fromLoad = frameAt - times.widgetCreated;
-  const fromJoin = frameAt - times.joined;
-  const fromBoth = frameAt - Math.max(times.joined, peerJoinedAt || 0);
-  console.log(`timing ${name}: first decoded remote frame ${fromLoad} ms after the widget was loaded, `
-    + `${fromJoin} ms after it joined (io.element.join)`
-    + (peerJoinedAt ? `, ${fromBoth} ms after both were in the call` : ''));
-}
-
-function e2eeSummary(name, h, win) {
-  console.log(`e2ee ${name}: media keys sent ${JSON.stringify(h.toDeviceSent[KEYS] || {})}, `
-    + `received ${JSON.stringify(h.toDeviceReceived[KEYS] || {})}; frame transforms ${JSON.stringify(win.e2ee)}`);
-  assert.ok(h.toDeviceSent[KEYS]?.encrypted > 0 && h.toDeviceSent[KEYS]?.devices > 0, `${name} sent its media key, Olm-encrypted, over Matrix`);
-  assert.equal(h.toDeviceSent[KEYS]?.clear, undefined, `${name} sent no media key in clear`);
-  assert.equal(h.toDeviceSent[KEYS]?.unknownDevices, undefined, `${name}'s crypto knew every device it had to send a key to`);
-  assert.ok(h.toDeviceReceived[KEYS]?.encrypted > 0, `${name} received media keys, Olm-encrypted`);
-  assert.equal(h.toDeviceReceived[KEYS]?.clear, undefined, `${name} received no media key in clear`);
-  assert.ok(win.e2ee && win.e2ee.senders > 0 && win.e2ee.receivers > 0,
-    `${name}'s app runs every sent and received frame through its E2EE transform: ${JSON.stringify(win.e2ee)}`);
-}
-
-/** Alice starts the call, Bob joins; both see and hear each other with per-participant E2EE. */
-async function twoUsersCall(app, synapse, users) {
-  const alice = await openUser(env.browser, { statics: env.statics, app, synapse, name: 'alice', intent: 'start_call' });
-  users.push(alice);
-  await waitFor('Alice to join the call', async () => (await alice.host()).times.joined !== undefined, 60000);
-  const bob = await openUser(env.browser, { statics: env.statics, app, synapse, name: 'bob', intent: 'join_existing' });
-  users.push(bob);
-
-  const [aFrame, bFrame] = await Promise.all([firstFrame(alice), firstFrame(bob)]);
-  const [a0, b0] = [await alice.host(), await bob.host()];
-  timing('Alice (started the call)', a0.times, aFrame, b0.times.joined);
-  timing('Bob (joined the running call)', b0.times, bFrame);
-  console.log(`timing keys: Alice got Bob's media key ${keysFrom(a0)['@bob'] - b0.times.joined} ms and Bob got Alice's ${keysFrom(b0)['@alice'] - b0.times.joined} ms after Bob joined`);
-
-  const aWin = await seesAndHears(alice, 1, 'Alice to see and hear Bob');
-  const bWin = await seesAndHears(bob, 1, 'Bob to see and hear Alice');
-  for (const [name, w] of [['Alice', aWin], ['Bob', bWin]]) {
-    console.log(`${name} receives: video ${JSON.stringify(w.video.map(({ width, height, delta, framesDecoded }) => ({ width, height, fps: delta, framesDecoded })))}, `
-      + `audio ${JSON.stringify(w.audio.map(({ dPackets, dEnergy }) => ({ packetsPerS: dPackets, energyPerS: +dEnergy.toFixed(4) })))}`);
-  }
-  e2eeSummary('Alice', await alice.host(), aWin);
-  e2eeSummary('Bob', await bob.host(), bWin);
-  return { alice, bob };
-}
-
-/** Which SFU the app found, from its own log line. */
-function discovered(user) {
-  const line = user.log.find((l) => /Found (backend|app config) transport/.test(l));
-  return line ? line.replace(/^.*Found /, 'Found ') : null;
-}
+setup();
 
 test('Element Call through Moselle, found via the homeserver\'s /rtc/transports: two users, a third joins, one hangs up', async (t) => {
   const { synapse, moselle } = await backend(t, { transports: true });

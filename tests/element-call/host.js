@@ -11,6 +11,8 @@
 //   app                       Element Call's base URL (its index.html is there)
 //   intent                    start_call | join_existing
 //   params                    optional JSON object of more widget URL parameters
+//   hold=1                    log in and sync (uploading the device's keys), but embed
+//                             the app only when the test calls window.host.release()
 //
 // window.host exposes what the tests read: timings, counters of the
 // to-device messages sent and received per type, every widget action, errors.
@@ -37,6 +39,7 @@ const cfg = {
   roomId: q.get('room'),
   app: q.get('app'),
   intent: q.get('intent') || 'join_existing',
+  hold: q.get('hold') === '1',
   params: JSON.parse(q.get('params') || '{}'),
 };
 
@@ -51,7 +54,9 @@ const host = {
   capabilities: [],
   transportsAsked: 0,
   delayed: { sent: 0, restart: 0, cancel: 0, send: 0 },
-  sent: [],                  // room/state events sent: { type, stateKey, at }
+  sent: [],                  // room/state events sent: { type, stateKey, sticky, delayed, at }
+  memberLog: [],             // call membership updates the host fed to the widget: { kind, type, sender, key, active, at }
+  undecryptable: [],         // room events the host could not decrypt (fed to the app as they are): { id, sender, at }
   errors: [],
   api: null,
   client: null,
@@ -71,6 +76,22 @@ function raw(ev) {
   if (!e.room_id) e.room_id = ev.getRoomId() || cfg.roomId;
   if (!e.unsigned) e.unsigned = {};
   return e;
+}
+
+/** Record call membership events (state or sticky) as the host passes them on. */
+function logMember(ev) {
+  if (ev.isDecryptionFailure()) {
+    host.undecryptable.push({ id: ev.getId(), sender: ev.getSender(), at: now() });
+    return;
+  }
+  const type = ev.getType();
+  if (type !== 'org.matrix.msc3401.call.member' && type !== 'org.matrix.msc4143.rtc.member') return;
+  const content = ev.getContent() || {};
+  const keys = Object.keys(content).filter((k) => k !== 'msc4354_sticky_key');
+  host.memberLog.push({
+    kind: ev.isState() ? 'state' : (ev.unstableStickyInfo ? 'sticky' : 'event'), type, sender: ev.getSender(),
+    key: ev.isState() ? ev.getStateKey() : content.msc4354_sticky_key, active: keys.length > 0, at: now(),
+  });
 }
 
 function bump(map, type, key, n = 1) {
@@ -103,6 +124,24 @@ class HostDriver extends WidgetDriver {
       : await this.client.sendEvent(rid, eventType, content);
     host.sent.push({ type: eventType, stateKey, at: now() });
     return { roomId: rid, eventId: r.event_id };
+  }
+
+  // MSC4354 sticky events (MSC4407 in the widget API): Element Call's
+  // matrix_2_0 mode publishes its call membership as sticky
+  // org.matrix.msc4143.rtc.member room events, and its leave as a delayed one.
+  async sendStickyEvent(stickyDurationMs, eventType, content, roomId = null) {
+    const rid = roomId || this.roomId;
+    const r = await this.client._unstable_sendStickyEvent(rid, stickyDurationMs, null, eventType, content);
+    host.sent.push({ type: eventType, sticky: stickyDurationMs, at: now() });
+    return { roomId: rid, eventId: r.event_id };
+  }
+
+  async sendDelayedStickyEvent(delay, stickyDurationMs, eventType, content, roomId = null) {
+    const rid = roomId || this.roomId;
+    const r = await this.client._unstable_sendStickyDelayedEvent(rid, stickyDurationMs, { delay }, null, eventType, content);
+    host.delayed.sent++;
+    host.sent.push({ type: eventType, sticky: stickyDurationMs, delayed: delay, at: now() });
+    return { roomId: rid, delayId: r.delay_id };
   }
 
   async sendDelayedEvent(delay, eventType, content, stateKey = null, roomId = null) {
@@ -213,8 +252,15 @@ class HostDriver extends WidgetDriver {
     return { chunk: r.events.map(raw), nextBatch: r.nextBatch ?? undefined, prevBatch: r.prevBatch ?? undefined };
   }
 
-  async readStickyEvents() {
-    return [];
+  // The room's current sticky events (decrypted), pushed to the widget when
+  // it gets its capabilities: how a member joining later learns who is in
+  // the call.
+  async readStickyEvents(roomId) {
+    const events = [...this.room(roomId)._unstable_getStickyEvents()];
+    await Promise.all(events.map((ev) => this.client.decryptEventIfNeeded(ev)));
+    host.stickyRead = (host.stickyRead || 0) + 1;
+    events.forEach(logMember);
+    return events.map(raw);
   }
 
   askOpenID(observer) {
@@ -333,15 +379,26 @@ function embed(client) {
   });
   answer('io.element.device_mute');
 
-  // Live room events (decrypted) and state updates, for this room.
+  // Live room events (decrypted), for this room, as Element Web feeds them:
+  // from sync (ClientEvent.Event), so our own events arrive as the server's
+  // echo, which carries MSC4354's `msc4354_sticky` (a local echo does not:
+  // the app would then miss its own sticky membership and re-join).
+  // Includes sticky events delivered in sync's msc4354_sticky section.
+  const feed = (ev) => client.decryptEventIfNeeded(ev)
+    .then(() => { logMember(ev); return api.feedEvent(raw(ev)); })
+    .catch((e) => fail(`feedEvent ${ev.getType()}`, e));
+  client.on(ClientEvent.Event, (ev) => {
+    if (host.closed || ev.isState() || ev.getRoomId() !== cfg.roomId || !ev.getId()?.startsWith('$')) return;
+    feed(ev);
+  });
+  // State events of the timeline (as before; their state updates go below).
   client.on(RoomEvent.Timeline, (ev, room, toStart, _removed, data) => {
-    if (host.closed || toStart || !data?.liveEvent || room?.roomId !== cfg.roomId) return;
-    client.decryptEventIfNeeded(ev)
-      .then(() => api.feedEvent(raw(ev)))
-      .catch((e) => fail(`feedEvent ${ev.getType()}`, e));
+    if (host.closed || toStart || !data?.liveEvent || room?.roomId !== cfg.roomId || !ev.isState()) return;
+    feed(ev);
   });
   client.on(RoomStateEvent.Events, (ev) => {
     if (host.closed || ev.getRoomId() !== cfg.roomId) return;
+    logMember(ev);
     api.feedStateUpdate(raw(ev)).catch((e) => fail(`feedStateUpdate ${ev.getType()}`, e));
   });
   // Decrypted to-device messages (the app's per-participant media keys).
@@ -364,6 +421,10 @@ host.hangup = () => host.api.transport.send('im.vector.hangup', {});
 (async () => {
   try {
     const client = await startClient();
+    if (cfg.hold) {
+      setStatus('online, holding');
+      await new Promise((resolve) => { host.release = resolve; });
+    }
     embed(client);
   } catch (e) {
     fail('start', e);

@@ -6,7 +6,7 @@ import { spawn } from 'node:child_process';
 import { createServer as netServer } from 'node:net';
 import { createServer as httpServer } from 'node:http';
 import { createRequire } from 'node:module';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, extname, join, normalize, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -139,13 +139,15 @@ function collect(proc, log, max = 2000) {
 
 /**
  * A Synapse with MatrixRTC on, users and an encrypted room (synapse_up.py).
- * `transportUrl`: what /rtc/transports lists (none if empty).
+ * `transportUrl`: what /rtc/transports lists (none if empty); `sticky`: MSC4354
+ * sticky events on (Element Call's matrix_2_0 mode needs them).
  */
-export async function startSynapse({ transportUrl = '', users = ['alice', 'bob', 'carol'] } = {}) {
+export async function startSynapse({ transportUrl = '', users = ['alice', 'bob', 'carol'], sticky = false } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'ec-synapse-'));
   const py = join(repo, '.venv', 'bin', 'python');
   const args = [join(here, 'synapse_up.py'), '--dir', dir, '--users', users.join(',')];
   if (transportUrl) args.push('--transport-url', transportUrl);
+  if (sticky) args.push('--sticky');
   const proc = spawn(py, args, { cwd: repo, stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1' } });
   const log = [];
   let exited = null;
@@ -272,7 +274,8 @@ function toneWav(path, seconds = 5, rate = 48000, hz = 440) {
 export async function launchBrowser() {
   const { chromium } = require('playwright-core');
   mkdirSync(OUT, { recursive: true });
-  return chromium.launch({
+  const before = new Set(childrenOf(process.pid));
+  const browser = await chromium.launch({
     executablePath: '/usr/bin/chromium',
     headless: true,
     args: [
@@ -283,6 +286,12 @@ export async function launchBrowser() {
       `--use-file-for-fake-audio-capture=${toneWav(join(OUT, 'tone-440.wav'))}`,
     ],
   });
+  // Its main process: the child of ours that was not there before (Playwright
+  // gives no handle to it), for killBrowser().
+  const fresh = childrenOf(process.pid).filter((p) => !before.has(p) && /chrom/.test(exeOf(p)));
+  browser.pid = fresh.length === 1 ? fresh[0] : undefined;
+  browser.pidsFound = fresh;
+  return browser;
 }
 
 // Runs in every frame before its scripts: keeps the page's peer connections
@@ -303,6 +312,65 @@ const INIT = () => {
   PC.__moselleWrapped = true;
   window.RTCPeerConnection = PC;
   window.webkitRTCPeerConnection = PC;
+  // The LiveKit signaling (protobuf over a WebSocket to .../rtc): which
+  // remote participants the app's LiveKit client knows, and when the SFU
+  // told it one left (ParticipantUpdate with state DISCONNECTED).
+  const lk = (window.__lk = { sockets: 0, messages: 0, participants: {}, errors: 0 });
+  const varint = (b, p) => {
+    let v = 0; let m = 1;
+    for (;;) { const x = b[p.i++]; v += (x & 0x7f) * m; if (x < 0x80) return v; m *= 128; }
+  };
+  const fields = (b) => {
+    const out = []; const p = { i: 0 };
+    while (p.i < b.length) {
+      const key = varint(b, p); const f = Math.floor(key / 8); const w = key & 7;
+      if (w === 0) out.push([f, varint(b, p)]);
+      else if (w === 2) { const n = varint(b, p); out.push([f, b.subarray(p.i, p.i + n)]); p.i += n; }
+      else if (w === 1) p.i += 8;
+      else if (w === 5) p.i += 4;
+      else throw new Error(`wire type ${w}`);
+    }
+    return out;
+  };
+  const text = (b) => new TextDecoder().decode(b);
+  // ParticipantInfo: sid = 1, identity = 2, state = 3 (JOINING 0, JOINED 1,
+  // ACTIVE 2, DISCONNECTED 3). Per identity, the state of each of its
+  // participants (Element Call may connect twice with one identity); it is
+  // gone (disconnectedAt) when all of them are DISCONNECTED.
+  const info = (b, how) => {
+    let sid = ''; let identity = ''; let state = 0;
+    for (const [f, v] of fields(b)) { if (f === 1) sid = text(v); if (f === 2) identity = text(v); if (f === 3) state = v; }
+    if (!identity) return;
+    const at = Date.now();
+    const e = (lk.participants[identity] ||= { firstSeen: at, via: how, sids: {}, history: [] });
+    e.sids[sid] = state; e.state = state; e.last = at;
+    if (e.history.length < 40) e.history.push([sid, state, at]);
+    if (Object.values(e.sids).every((st) => st === 3)) { if (e.disconnectedAt === undefined) e.disconnectedAt = at; } else delete e.disconnectedAt;
+  };
+  const onSignal = (buf) => {
+    lk.messages++;
+    // SignalResponse: join = 1 (JoinResponse: other_participants = 3), update = 5 (ParticipantUpdate: participants = 1).
+    for (const [f, v] of fields(new Uint8Array(buf))) {
+      if (f === 1 && typeof v !== 'number') for (const [g, w] of fields(v)) { if (g === 3) info(w, 'join'); }
+      if (f === 5 && typeof v !== 'number') for (const [g, w] of fields(v)) { if (g === 1) info(w, 'update'); }
+    }
+  };
+  const OrigWS = window.WebSocket;
+  if (OrigWS) {
+    window.WebSocket = class extends OrigWS {
+      constructor(url, ...rest) {
+        super(url, ...rest);
+        if (!/\/rtc/.test(String(url))) return;
+        lk.sockets++;
+        this.addEventListener('message', (ev) => {
+          const d = ev.data;
+          const go = (buf) => { try { onSignal(buf); } catch { lk.errors++; } };
+          if (d instanceof ArrayBuffer) go(d);
+          else if (d && typeof d.arrayBuffer === 'function') d.arrayBuffer().then(go);
+        });
+      }
+    };
+  }
   // Frame transforms (livekit-client's E2EE worker encrypts/decrypts every
   // frame through them): count the senders and receivers that got one.
   const e2ee = (window.__e2ee = { senders: 0, receivers: 0 });
@@ -360,7 +428,7 @@ const INBOUND = async () => {
  * One Matrix user in their own browser context: our host page, logged in,
  * embedding the app from `appBase` with the given intent.
  */
-export async function openUser(browser, { statics, app, synapse, name, intent, params = {} }) {
+export async function openUser(browser, { statics, app, synapse, name, intent, params = {}, hold = false }) {
   const context = await browser.newContext({ viewport: { width: 1024, height: 700 } });
   await context.addInitScript(INIT);
   const page = await context.newPage();
@@ -378,22 +446,51 @@ export async function openUser(browser, { statics, app, synapse, name, intent, p
     if (r.status() >= 400) log.push(`[http] ${r.status()} ${r.request().method()} ${r.url().replace(/access_token=[^&]+/, 'access_token=…')}`);
   });
   page.on('requestfailed', (r) => log.push(`[http] failed ${r.request ? '' : ''}${r.method()} ${r.url()}: ${r.failure()?.errorText}`));
+  // The app's calls to the token service: which endpoint, whether it
+  // delegated its delayed leave (delay_id present; the id itself is a secret
+  // and not kept), the answer and the LiveKit identity and room in the JWT.
+  const tokenCalls = [];
+  page.on('request', (r) => {
+    const url = new URL(r.url());
+    const m = /\/(sfu\/get|get_token|delegate_delayed_leave)$/.exec(url.pathname);
+    if (!m || r.method() !== 'POST') return;
+    let body = {};
+    try { body = JSON.parse(r.postData() || '{}'); } catch { body = {}; }
+    const call = { endpoint: m[1], url: url.origin + url.pathname, at: Date.now(), delegated: !!body.delay_id, delay_timeout: body.delay_timeout,
+      delay_cs_api_url: body.delay_cs_api_url, member: body.member ? { ...body.member } : undefined };
+    tokenCalls.push(call);
+    r.response().then(async (res) => {
+      call.status = res?.status();
+      if (call.status === 200 && m[1] !== 'delegate_delayed_leave') {
+        const { jwt } = await res.json();
+        const p = JSON.parse(Buffer.from(jwt.split('.')[1], 'base64').toString());
+        call.sub = p.sub;
+        call.room = p.video?.room;
+      }
+    }).catch((e) => { call.error = String(e); });
+  });
   const u = synapse.users[name];
   const q = new URLSearchParams({
     hs: synapse.base_url, user: u.user_id, token: u.access_token, device: u.device_id, room: synapse.room_id,
-    app: `${statics.base}/${app}/`, intent, params: JSON.stringify(params),
+    app: `${statics.base}/${app}/`, intent, params: JSON.stringify(params), ...(hold ? { hold: '1' } : {}),
   });
   const startedAt = Date.now();
   await page.goto(`${statics.base}/host/host.html?${q}`);
   const user = {
-    name, context, page, log, startedAt, userId: u.user_id, deviceId: u.device_id,
+    name, context, page, log, startedAt, tokenCalls, userId: u.user_id, deviceId: u.device_id,
     frame: () => page.frame({ name: 'element-call' }),
     host: () => page.evaluate(() => {
       const h = window.host;
       return { state: h.state, times: h.times, toDeviceSent: h.toDeviceSent, toDeviceReceived: h.toDeviceReceived,
         keysLog: h.keysLog, actions: h.actions.map((a) => a.action), capabilities: h.capabilities.length,
-        transportsAsked: h.transportsAsked, transports: h.transports, delayed: h.delayed, sent: h.sent, errors: h.errors };
+        transportsAsked: h.transportsAsked, transports: h.transports, delayed: h.delayed, sent: h.sent, errors: h.errors,
+        memberLog: h.memberLog, stickyRead: h.stickyRead || 0, undecryptable: h.undecryptable };
     }),
+    /** What the app's LiveKit client was told about remote participants (window.__lk). */
+    async lk() {
+      const f = user.frame();
+      return f ? f.evaluate(() => window.__lk || null) : null;
+    },
     async inbound() {
       const f = user.frame();
       if (!f) return null;
@@ -402,6 +499,59 @@ export async function openUser(browser, { statics, app, synapse, name, intent, p
     async close() { await context.close().catch(() => {}); },
   };
   return user;
+}
+
+function exeOf(pid) {
+  try { return readlinkSync(`/proc/${pid}/exe`); } catch { return ''; }
+}
+
+function childrenOf(pid) {
+  return (processMap().get(pid) || []);
+}
+
+/** ppid -> child pids, from /proc. */
+function processMap() {
+  const children = new Map();
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (!children.has(ppid)) children.set(ppid, []);
+      children.get(ppid).push(Number(d));
+    } catch { /* gone */ }
+  }
+  return children;
+}
+
+/** The pids of `pid` and all its descendants (from /proc). */
+function processTree(pid) {
+  const children = processMap();
+  const out = [pid];
+  for (let i = 0; i < out.length; i++) out.push(...(children.get(out[i]) || []));
+  return out;
+}
+
+const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { return false; } };
+
+/**
+ * kill -9 a browser launched by launchBrowser(): its whole process tree
+ * (browser, zygotes, renderers, GPU/network/audio services) at once, no
+ * goodbye. Returns when (epoch ms) it was killed and the pids.
+ */
+export async function killBrowser(browser) {
+  const pid = browser.pid;
+  if (!pid) throw new Error(`no browser process to kill (new child processes at launch: ${JSON.stringify(browser.pidsFound)})`);
+  const pids = processTree(pid);
+  const at = Date.now();
+  try { process.kill(-pid, 'SIGKILL'); } catch { /* not a group leader */ }
+  for (const p of pids) { try { process.kill(p, 'SIGKILL'); } catch { /* already gone */ } }
+  await waitFor('the killed browser\'s processes to be gone', () => pids.every((p) => !alive(p) || isZombie(p)), 5000, 50);
+  return { at, pids };
+}
+
+function isZombie(pid) {
+  try { return / Z /.test(readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\)/, '')); } catch { return true; }
 }
 
 /** Remote videos being decoded now: per track, frames decoded over `ms`. */

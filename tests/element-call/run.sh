@@ -2,8 +2,12 @@
 # The Element Call tests: the real app (@element-hq/element-call-embedded) in
 # headless Chromium, embedded by our host page, against Synapse and Moselle.
 # Installs the npm packages if needed (idempotent), bundles the host page and
-# runs call.test.mjs inside a network namespace (tests/netns.sh).
+# runs the test files inside a network namespace (tests/netns.sh):
+#   call.test.mjs     two users, a third joins, one hangs up; both discovery paths
+#   leave.test.mjs    a browser killed with SIGKILL: Moselle's delegated leave ends its membership
+#   matrix2.test.mjs  matrix_2_0 mode (/get_token, hashed identities, sticky events)
 #   MOSELLE_BIN   the moselle binary (default target/debug/moselle)
+#   EC_TESTS      which files (default: all three), e.g. EC_TESTS=leave
 #   EC_KEEP_TMP=1 keep the Synapse and Moselle directories (in $TMPDIR) after the run
 #   Logs of every run: tests/out/element-call-logs/; screenshots: tests/out/element-call-*.png
 #   extra arguments go to `node --test` (e.g. --test-name-pattern=config)
@@ -24,4 +28,6 @@ node_modules/.bin/esbuild host.js --bundle --format=esm --platform=browser --tar
 cp node_modules/@matrix-org/matrix-sdk-crypto-wasm/pkg/matrix_sdk_crypto_wasm_bg.wasm build/pkg/
 
 cd "$root"
-exec tests/netns.sh node --test --test-concurrency=1 "$@" tests/element-call/call.test.mjs
+files=()
+for t in ${EC_TESTS:-call leave matrix2}; do files+=("tests/element-call/$t.test.mjs"); done
+exec tests/netns.sh node --test --test-concurrency=1 "$@" "${files[@]}"

@@ -1,10 +1,11 @@
 """Start a Synapse for the Element Call tests, set up users and an encrypted room, print them as JSON.
 
-    .venv/bin/python tests/element-call/synapse_up.py --dir D [--transport-url http://IP:PORT] [--users alice,bob]
+    .venv/bin/python tests/element-call/synapse_up.py --dir D [--transport-url http://IP:PORT] [--users alice,bob] [--sticky]
 
 Synapse runs with MatrixRTC on (MSC4143 transports, MSC4222, delayed events). With
 --transport-url, its `/rtc/transports` lists that LiveKit token service; without, it lists
-none (clients then fall back to their own configuration). It registers an admin (for
+none (clients then fall back to their own configuration). With --sticky, MSC4354 sticky
+events are on (Element Call's matrix_2_0 mode publishes its membership with them). It registers an admin (for
 Moselle's membership checks through the admin API) and the given users, each logged in
 with one device, and creates an end-to-end-encrypted room (m.room.encryption in the
 initial state) whose members may all publish their call membership
@@ -37,12 +38,15 @@ def main() -> int:
     ap.add_argument("--dir", required=True, help="Synapse's directory (config, database, logs)")
     ap.add_argument("--transport-url", default="", help="livekit_service_url for matrix_rtc transports")
     ap.add_argument("--users", default="alice,bob,carol")
+    ap.add_argument("--sticky", action="store_true", help="MSC4354 sticky events (Element Call's matrix_2_0 mode)")
     args = ap.parse_args()
 
     extra = {
         "experimental_features": {"msc4143_enabled": True, "msc4222_enabled": True},
         "max_event_delay_duration": "24h",
     }
+    if args.sticky:
+        extra["experimental_features"]["msc4354_enabled"] = True
     if args.transport_url:
         extra["matrix_rtc"] = {"transports": [{"type": "livekit", "livekit_service_url": args.transport_url}]}
     hs = Synapse(extra_config=extra)

@@ -163,6 +163,7 @@ def test_leave_is_held_while_connected_and_fired_when_the_client_is_killed(node,
         assert membership(synapse, bob, room_id, "DEVK", alice) != {}, "the leave fired while connected"
         assert metric(node, "matrix_delegation_restarts_total") >= 2
         sent_before = metric(node, "matrix_delegated_leaves_sent_total")
+        ended_before = metric(node, "matrix_delegations_ended_by_client_total")
         t_kill = time.monotonic()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=5)
@@ -171,8 +172,16 @@ def test_leave_is_held_while_connected_and_fired_when_the_client_is_killed(node,
               f"(resume window 5 s, delay {DELAY_MS / 1000:.0f} s)")
         assert took < 5 + 3, took
         # Fired by the service (200), not by the homeserver's own timer
-        # (then the service's send would have found it gone).
+        # (then the service's send would have found it gone: ended_by_client).
+        # Bob can see the leave before the service has read the homeserver's
+        # answer and counted it, so give the counter a moment.
+        deadline = time.monotonic() + 5
+        while (metric(node, "matrix_delegated_leaves_sent_total") == sent_before
+               and metric(node, "matrix_delegations_ended_by_client_total") == ended_before
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
         assert metric(node, "matrix_delegated_leaves_sent_total") == sent_before + 1
+        assert metric(node, "matrix_delegations_ended_by_client_total") == ended_before
     finally:
         if proc.poll() is None:
             proc.kill()
