@@ -3,7 +3,7 @@
 // configured as the MatrixRTC token service for that Synapse, and Chromium.
 // Everything missing is an error: these tests fail, never skip.
 import { spawn } from 'node:child_process';
-import { createServer as netServer } from 'node:net';
+import { createServer as netServer, connect as netConnect } from 'node:net';
 import { createServer as httpServer } from 'node:http';
 import { createRequire } from 'node:module';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -221,12 +221,27 @@ access_token = "${synapse.admin.access_token}"
     .replace('auto_create = true', 'auto_create = false');
 }
 
-/** A Moselle node on the namespace's address, token service for `synapse`, on `httpPort`. */
-export async function startMoselle(synapse, httpPort) {
+/**
+ * A Moselle node on the namespace's address, token service for `synapse`, on `httpPort`.
+ * `cluster` ({ nodeId, redisUrl, publicUrl }): one of several nodes sharing Redis,
+ * announcing `publicUrl` as its signaling URL (heartbeat 1 s, dropped after 3 s).
+ */
+export async function startMoselle(synapse, httpPort, cluster = null) {
   const dir = mkdtempSync(join(tmpdir(), 'ec-moselle-'));
   const base = `http://${IP}:${httpPort}`;
   const cfgPath = join(dir, 'moselle.toml');
-  writeFileSync(cfgPath, moselleConfig(synapse, `ws://${IP}:${httpPort}`));
+  let text = moselleConfig(synapse, `ws://${IP}:${httpPort}`);
+  if (cluster) {
+    text = text.replace('node_id = "moselle-1"', `node_id = "${cluster.nodeId}"`)
+      .replace('public_url = ""', `public_url = "${cluster.publicUrl}"`)
+      .replace('redis_url = ""', `redis_url = "${cluster.redisUrl}"`)
+      .replace('heartbeat_secs = 2', 'heartbeat_secs = 1')
+      .replace('node_ttl_secs = 6', 'node_ttl_secs = 3');
+    for (const want of [cluster.nodeId, cluster.publicUrl, cluster.redisUrl]) {
+      if (!text.includes(want)) throw new Error(`config/moselle.toml changed: could not set ${want}`);
+    }
+  }
+  writeFileSync(cfgPath, text);
   const args = ['serve', '--dev', '--config', cfgPath, '--bind', IP, '--http-port', String(httpPort),
     '--udp-port', String(await freePort(IP, 'udp')), '--tcp-port', String(await freePort(IP))];
   const proc = spawn(moselleBin(), args, { cwd: repo, env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info' }, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -240,7 +255,7 @@ export async function startMoselle(synapse, httpPort) {
     return r && r.status === 200;
   }, 15000, 100);
   return {
-    base, log, config: cfgPath,
+    base, log, config: cfgPath, proc,
     async metric(name) {
       const text = await (await fetch(`${base}/metrics`)).text();
       const line = text.split('\n').find((l) => l.startsWith(`moselle_${name} `));
@@ -255,6 +270,68 @@ export async function startMoselle(synapse, httpPort) {
       }
       if (!process.env.EC_KEEP_TMP) rmSync(dir, { recursive: true, force: true });
     },
+  };
+}
+
+/** A throwaway redis-server on the namespace's address (Debian redis-server). */
+export async function startRedis() {
+  if (!existsSync('/usr/bin/redis-server')) throw new Error('missing: /usr/bin/redis-server (Debian redis-server)');
+  const port = await freePort(IP);
+  const proc = spawn('/usr/bin/redis-server', // Protected mode would refuse clients on the namespace address; nothing
+    // outside the namespace can reach it.
+    ['--bind', IP, '--port', String(port), '--save', '', '--appendonly', 'no', '--protected-mode', 'no'],
+    { stdio: ['ignore', 'pipe', 'pipe'] });
+  const log = [];
+  collect(proc, log);
+  await waitFor('redis-server to accept connections', () => new Promise((resolve) => {
+    const c = netConnect(port, IP, () => { c.end(); resolve(true); });
+    c.on('error', () => resolve(false));
+  }), 10000, 100);
+  return {
+    url: `redis://${IP}:${port}`,
+    stop: () => { proc.kill('SIGKILL'); },
+  };
+}
+
+/**
+ * A failover TCP front for one node's URL, as a provider's load balancer or
+ * floating address gives it: each new connection goes to the first of
+ * `ports` that accepts it (the node itself, then its standby). Counts the
+ * connections each port took.
+ */
+export async function startFailoverFront(ports) {
+  const listen = await freePort(IP);
+  const taken = Object.fromEntries(ports.map((p) => [p, 0]));
+  const sockets = new Set();
+  const server = netServer((client) => {
+    sockets.add(client);
+    client.on('close', () => sockets.delete(client));
+    client.on('error', () => {});
+    client.pause();
+    const attempt = (i) => {
+      if (i >= ports.length) { client.destroy(); return; }
+      const up = netConnect(ports[i], IP);
+      up.once('error', () => { up.destroy(); attempt(i + 1); });
+      up.once('connect', () => {
+        taken[ports[i]]++;
+        up.removeAllListeners('error');
+        up.on('error', () => client.destroy());
+        client.on('error', () => up.destroy());
+        up.on('close', () => client.destroy());
+        client.on('close', () => up.destroy());
+        sockets.add(up);
+        up.on('close', () => sockets.delete(up));
+        client.pipe(up);
+        up.pipe(client);
+        client.resume();
+      });
+    };
+    attempt(0);
+  });
+  await new Promise((resolve, reject) => { server.once('error', reject); server.listen(listen, IP, resolve); });
+  return {
+    port: listen, taken,
+    close: () => new Promise((resolve) => { for (const s of sockets) s.destroy(); server.close(() => resolve()); }),
   };
 }
 

@@ -6,8 +6,9 @@
 #   call.test.mjs     two users, a third joins, one hangs up; both discovery paths
 #   leave.test.mjs    a browser killed with SIGKILL: Moselle's delegated leave ends its membership
 #   matrix2.test.mjs  matrix_2_0 mode (/get_token, hashed identities, sticky events)
+#   failover.test.mjs two LU nodes on Redis, the one holding the call killed: the call comes back on the other
 #   MOSELLE_BIN   the moselle binary (default target/debug/moselle)
-#   EC_TESTS      which files (default: all three), e.g. EC_TESTS=leave
+#   EC_TESTS      which files (default: all four), e.g. EC_TESTS=leave
 #   EC_KEEP_TMP=1 keep the Synapse and Moselle directories (in $TMPDIR) after the run
 #   Logs of every run: tests/out/element-call-logs/; screenshots: tests/out/element-call-*.png
 #   extra arguments go to `node --test` (e.g. --test-name-pattern=config)
@@ -29,5 +30,5 @@ cp node_modules/@matrix-org/matrix-sdk-crypto-wasm/pkg/matrix_sdk_crypto_wasm_bg
 
 cd "$root"
 files=()
-for t in ${EC_TESTS:-call leave matrix2}; do files+=("tests/element-call/$t.test.mjs"); done
+for t in ${EC_TESTS:-call leave matrix2 failover}; do files+=("tests/element-call/$t.test.mjs"); done
 exec tests/netns.sh node --test --test-concurrency=1 "$@" "${files[@]}"
