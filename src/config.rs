@@ -134,6 +134,11 @@ pub struct RtcConfig {
     /// How long a participant moved down the connectivity fallback ladder
     /// keeps its rung for its next joins in that room.
     pub fallback_memory_secs: u64,
+    /// Estimate each subscriber's downlink (TWCC, else REMB) and fit its
+    /// simulcast layers into it; str0m then paces what it sends.
+    pub downlink_bwe: bool,
+    /// The estimate a new subscriber starts from, kbit/s.
+    pub bwe_initial_kbps: u64,
 }
 
 impl RtcConfig {

@@ -94,6 +94,10 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         resume_window: Duration::from_secs(cfg.room.resume_window_secs),
         turn: Arc::new(turn),
         fallback_memory: Duration::from_secs(cfg.rtc.fallback_memory_secs),
+        bwe_initial: cfg
+            .rtc
+            .downlink_bwe
+            .then(|| str0m::bwe::Bitrate::kbps(cfg.rtc.bwe_initial_kbps.max(30))),
     };
     let listener = tokio::net::TcpListener::bind((cfg.server.bind, cfg.server.http_port))
         .await

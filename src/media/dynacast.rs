@@ -28,7 +28,7 @@ impl Core {
                     .subscribers
                     .iter()
                     .filter_map(|(sp, sk)| self.parts.get(*sp)?.subs.get(*sk))
-                    .filter(|s| !s.disabled)
+                    .filter(|s| !s.disabled && !s.paused)
                     .map(|s| s.fwd.target as i8)
                     .max()
                     .unwrap_or(-1);

@@ -31,9 +31,10 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::sync::{mpsc, oneshot};
 
+use super::downlink::WIRE_OVERHEAD;
 use super::fallback::{Fallbacks, Offers, Rung};
 use super::forward::{Layer, Verdict};
-use super::participant::{Participant, PcRole, Peer, SubscriberPeer};
+use super::participant::{Downlink, Participant, PcRole, Peer, SubscriberPeer};
 use super::room::{now_ms, Room, MAX_LAYERS};
 use super::sdp::Kind;
 use crate::metrics::MediaCounters;
@@ -63,6 +64,12 @@ const ICE_LOST_GRACE: Duration = Duration::from_secs(1);
 /// Dynacast: fewer layers are requested only after this long, so a
 /// subscriber flicking between sizes does not make publishers churn.
 pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
+/// Pacer deadlines this close count as due within one drain.
+const PACER_STEP: Duration = Duration::from_millis(1);
+/// Packets one drain lets the pacer release; the rest wait a loop turn.
+const MAX_PACER_STEPS: u32 = 256;
+/// The longest a subscriber's video may wait in its pacer queue.
+const MAX_BACKLOG: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -84,6 +91,9 @@ pub struct EngineConfig {
     pub turn: Arc<Vec<TurnServer>>,
     /// How long a participant's fallback rung is remembered.
     pub fallback_memory: Duration,
+    /// Downlink bandwidth estimation from this starting estimate; `None`:
+    /// off (layers then follow only what subscribers ask for).
+    pub bwe_initial: Option<str0m::bwe::Bitrate>,
 }
 
 pub enum Command {
@@ -146,8 +156,9 @@ pub(super) struct Core {
     pub(super) n_rtp_in: u64,
     pub(super) n_fwd: u64,
     pub(super) n_fwd_bytes: u64,
-    /// This worker's share of the rooms/participants/tracks gauges.
-    pub(super) gauges: [u64; 3],
+    pub(super) n_backlog_drops: u64,
+    /// This worker's share of the rooms/participants/tracks/paused gauges.
+    pub(super) gauges: [u64; 4],
     pub(super) fallbacks: Fallbacks,
 }
 
@@ -185,7 +196,8 @@ pub fn run(
         n_rtp_in: 0,
         n_fwd: 0,
         n_fwd_bytes: 0,
-        gauges: [0; 3],
+        n_backlog_drops: 0,
+        gauges: [0; 4],
         next_quality: Instant::now() + QUALITY_INTERVAL,
         fallbacks: Fallbacks::new(cfg_memory),
     };
@@ -229,9 +241,13 @@ impl Core {
             self.rooms.len() as u64,
             self.parts.len() as u64,
             self.rooms.iter().map(|(_, r)| r.tracks.len() as u64).sum(),
+            self.parts
+                .iter()
+                .map(|(_, p)| p.subs.iter().filter(|(_, s)| s.paused).count() as u64)
+                .sum(),
         ];
         let c = &self.counters;
-        for (i, gauge) in [&c.rooms, &c.participants, &c.tracks]
+        for (i, gauge) in [&c.rooms, &c.participants, &c.tracks, &c.bwe_paused_tracks]
             .into_iter()
             .enumerate()
         {
@@ -256,6 +272,7 @@ fn drain(
     sid: &str,
     now: Instant,
 ) {
+    let mut steps = 0;
     loop {
         if !peer.rtc.is_alive() {
             peer.next_timeout = now + Duration::from_secs(3600);
@@ -272,6 +289,17 @@ fn drain(
                 io.send(proto, t.source, t.destination, &t.contents)
             }
             Ok(Output::Timeout(t)) => {
+                // str0m's pacer hands out one packet per timeout and asks
+                // for the next a microsecond on: step through those here
+                // rather than one packet per loop turn.
+                if peer.paced && t <= now + PACER_STEP && steps < MAX_PACER_STEPS {
+                    steps += 1;
+                    let at = t.max(peer.last_input + Duration::from_micros(1));
+                    peer.last_input = at;
+                    if peer.rtc.handle_input(Input::Timeout(at)).is_ok() {
+                        continue;
+                    }
+                }
                 peer.next_timeout = t;
                 return;
             }
@@ -512,6 +540,7 @@ impl Core {
             &c.rtp_bytes_forwarded,
             std::mem::take(&mut self.n_fwd_bytes),
         );
+        MediaCounters::add(&c.backlog_drops, std::mem::take(&mut self.n_backlog_drops));
     }
 
     pub(super) fn timeouts(&mut self, now: Instant) {
@@ -562,6 +591,9 @@ impl Core {
                     return;
                 };
                 let s = &mut p.subs[sk];
+                if s.paused {
+                    return;
+                }
                 if !s.fwd.allow_keyframe_request(now) {
                     MediaCounters::add(&self.counters.keyframe_requests_ignored, 1);
                     return;
@@ -599,6 +631,7 @@ impl Core {
             Event::ChannelData(d) => self.data_in(key, role, d),
             Event::MediaIngressStats(st) => self.note_loss(key, st.loss),
             Event::MediaEgressStats(st) => self.note_loss(key, st.loss),
+            Event::EgressBitrateEstimate(b) => self.on_estimate(key, b),
             Event::Connected => {
                 if let Some(p) = self.parts.get_mut(key) {
                     tracing::info!(participant = %p.sid, "media connected");
@@ -623,6 +656,7 @@ impl Core {
             is_dirty,
             n_fwd,
             n_fwd_bytes,
+            n_backlog_drops,
             ..
         } = self;
         let Some(p) = parts.get_mut(key) else { return };
@@ -681,6 +715,9 @@ impl Core {
             if let Some(seen) = track.layer_seen.get_mut(layer as usize) {
                 *seen = Some(now);
             }
+            if let Some(b) = track.layer_bytes.get_mut(layer as usize) {
+                *b += pkt.payload.len() as u64 + WIRE_OVERHEAD;
+            }
         }
         let ext = ExtensionValues {
             audio_level: pkt.header.ext_vals.audio_level,
@@ -702,7 +739,7 @@ impl Core {
             let Some(sub) = subs.get_mut(sk) else {
                 continue;
             };
-            if !sub.live || sub.disabled {
+            if !sub.live || sub.disabled || sub.paused {
                 continue;
             }
             match sub
@@ -727,6 +764,20 @@ impl Core {
                     let Some(stx) = api.stream_tx_by_mid(mid, None) else {
                         continue;
                     };
+                    // The pacer holds what the link could not carry yet; past
+                    // MAX_BACKLOG the picture would only lag further behind:
+                    // drop, and start again at a keyframe.
+                    if sub.kind == Kind::Video
+                        && stx
+                            .queue_info()
+                            .and_then(|q| q.first_unsent())
+                            .is_some_and(|t| now.saturating_duration_since(t) > MAX_BACKLOG)
+                    {
+                        sub.fwd.pause();
+                        want_keyframe = Some(sub.fwd.goal());
+                        *n_backlog_drops += 1;
+                        continue;
+                    }
                     let w = RtpWrite::new(
                         pt.into(),
                         SeqNo::from(seq),
@@ -890,8 +941,12 @@ impl Core {
             .collect()
     }
 
-    pub(super) fn new_rtc(&self, rung: Rung) -> Rtc {
+    /// A peer connection; `sends` when it carries subscriptions (bandwidth
+    /// estimation and pacing then run on it, if configured).
+    pub(super) fn new_rtc(&self, rung: Rung, sends: bool) -> Rtc {
+        let bwe = self.cfg.bwe_initial.filter(|_| sends);
         let mut rtc = Rtc::builder()
+            .enable_bwe(bwe)
             .set_rtp_mode(true)
             .set_ice_lite(true)
             .clear_codecs()
@@ -999,15 +1054,18 @@ impl Core {
 
         let now = Instant::now();
         let rung = self.fallbacks.rung(&grant.room, &claims.sub, now);
-        let mut rtc = self.new_rtc(rung);
-        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         // Dual PC: a second connection that we offer, for what it subscribes to.
         let dual = options.flavor == Flavor::DualPc;
+        let mut rtc = self.new_rtc(rung, !dual);
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let paced = self.cfg.bwe_initial.is_some();
         let sub_peer = dual.then(|| {
-            let mut rtc = self.new_rtc(rung);
+            let mut rtc = self.new_rtc(rung, true);
             let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+            let mut peer = Peer::new(rtc, ufrag);
+            peer.paced = paced;
             Box::new(SubscriberPeer {
-                peer: Peer::new(rtc, ufrag),
+                peer,
                 pending: None,
                 offer_id: 0,
                 renegotiate: false,
@@ -1057,19 +1115,24 @@ impl Core {
             flavor: options.flavor,
             protocol: options.protocol,
             auto_subscribe: options.auto_subscribe,
-            peer: Peer::new(rtc, ufrag.clone()),
+            peer: {
+                let mut peer = Peer::new(rtc, ufrag.clone());
+                peer.paced = paced && !dual;
+                peer
+            },
             sub_peer,
             pending_tracks: Vec::new(),
             published: Vec::new(),
             subs: Slab::new(),
             slots: Vec::new(),
-            reoffer_requested: false,
+            reoffer_requested: None,
             broken: false,
             last_data_seq: 0,
             detached_at: None,
             worst_loss: 0.0,
             quality: None,
             rung,
+            downlink: Downlink::default(),
             ice_lost_at: None,
             fallback_tried: false,
         };
@@ -1456,6 +1519,7 @@ impl Core {
         self.reap_broken();
         self.io.sweep(now);
         self.ice_fallback(now);
+        self.retry_reoffers(now);
         // Active speakers per room, as deltas.
         let room_keys: Vec<usize> = self.rooms.iter().map(|(k, _)| k).collect();
         for rk in room_keys {
@@ -1520,6 +1584,8 @@ impl Core {
             }
         }
         self.layer_availability(now);
+        self.measure_layers(now);
+        self.allocate_downlinks(now);
         self.dynacast(now);
         if now >= self.next_quality {
             self.next_quality = now + QUALITY_INTERVAL;

@@ -135,6 +135,12 @@ impl Forwarder {
         }
     }
 
+    /// Stop: after a pause, forwarding starts again on a keyframe, with
+    /// sequence numbers and timestamps continuing from the last sent.
+    pub fn pause(&mut self) {
+        self.current = None;
+    }
+
     /// Whether to pass the subscriber's keyframe request on to the
     /// publisher (see [`KeyframeGate`]).
     pub fn allow_keyframe_request(&mut self, now: Instant) -> bool {
@@ -157,8 +163,12 @@ impl Forwarder {
             } else {
                 layer == self.goal() && keyframe_start
             };
-            // Fall back to any layer with a keyframe while nothing flows yet.
-            let bootstrap = self.needs_keyframe && self.current.is_none() && keyframe_start;
+            // Fall back to any layer up to the goal with a keyframe while
+            // nothing flows yet (above it would not fit the downlink).
+            let bootstrap = self.needs_keyframe
+                && self.current.is_none()
+                && keyframe_start
+                && layer <= self.goal();
             if !(switch || bootstrap) {
                 return Verdict::Drop;
             }

@@ -2,7 +2,9 @@
 //! a forwarding worker thread, except [`handle`], the thread-safe door.
 //! Sockets and demultiplexing are the transport layer's (`crate::transport`).
 
+pub mod allocate;
 pub mod data;
+mod downlink;
 mod dynacast;
 pub mod engine;
 pub mod fallback;

@@ -61,7 +61,7 @@ impl Core {
         }
         p.peer.remote = sdp::parse(&sd.sdp);
         p.peer.local = sdp::parse(&answer_text);
-        p.reoffer_requested = false;
+        p.reoffer_requested = None;
         // Answer before announcing what the offer published: the publisher
         // is then already sending when subscribers ask for keyframes.
         if p.sub_peer.is_some() {

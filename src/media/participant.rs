@@ -11,6 +11,7 @@ use slab::Slab;
 use str0m::rtp::Ssrc;
 use str0m::Rtc;
 
+use super::allocate::Hold;
 use super::fallback::Rung;
 use super::forward::{Forwarder, Layer};
 use super::sdp::{Kind, SdpInfo};
@@ -36,6 +37,8 @@ pub struct Peer {
     pub local: SdpInfo,
     /// Open data channels by label (`_reliable`, `_lossy`, ...).
     pub channels: Vec<(str0m::channel::ChannelId, String)>,
+    /// Bandwidth estimation is on: str0m paces what it sends.
+    pub paced: bool,
 }
 
 impl Peer {
@@ -51,6 +54,7 @@ impl Peer {
             remote: SdpInfo::default(),
             local: SdpInfo::default(),
             channels: Vec::new(),
+            paced: false,
         }
     }
 
@@ -74,6 +78,23 @@ pub struct SubscriberPeer {
     /// The next offer restarts ICE (after a resume).
     pub restart_ice: bool,
     pub channels_added: bool,
+}
+
+/// What is known of the link towards a participant (see `downlink.rs`).
+#[derive(Debug, Default)]
+pub struct Downlink {
+    /// Send-side estimate from its TWCC feedback, bits per second.
+    pub twcc: Option<u64>,
+    /// Its receiver's own estimate (REMB), for clients without TWCC.
+    pub remb: Option<u64>,
+    /// (minimum, desired) last given to str0m's estimator.
+    pub bitrate_set: (u64, u64),
+}
+
+impl Downlink {
+    pub fn estimate(&self) -> Option<u64> {
+        self.twcc.or(self.remb)
+    }
 }
 
 /// Which of a participant's peer connections.
@@ -118,6 +139,12 @@ pub struct Sub {
     /// Negotiated: packets may flow.
     pub live: bool,
     pub disabled: bool,
+    /// The layer the subscriber asked for; `fwd.target` is what its
+    /// downlink allows (see `downlink.rs`).
+    pub want: Layer,
+    /// Paused because not even the lowest layer fits its downlink.
+    pub paused: bool,
+    pub hold: Hold,
     pub fwd: Forwarder,
     pub mid: Option<str0m::media::Mid>,
     /// Publisher payload type -> ours.
@@ -155,8 +182,10 @@ pub struct Participant {
     pub published: Vec<usize>,
     pub subs: Slab<Sub>,
     pub slots: Vec<SendSlot>,
-    /// A MediaSectionsRequirement was sent; wait for the offer it causes.
-    pub reoffer_requested: bool,
+    /// When a MediaSectionsRequirement was sent; the offer it causes is
+    /// awaited, and asked for again if it does not come (see
+    /// `Core::retry_reoffers`).
+    pub reoffer_requested: Option<Instant>,
     /// Set when the outbound queue overflowed or closed.
     pub broken: bool,
     /// Last reliable data sequence seen from this participant (dedup).
@@ -169,6 +198,7 @@ pub struct Participant {
     pub quality: Option<lk::ConnectionQuality>,
     /// The connectivity rung this session was given (see `fallback`).
     pub rung: Rung,
+    pub downlink: Downlink,
     /// When ICE was last seen failing while signaling lives.
     pub ice_lost_at: Option<Instant>,
     /// The fallback ladder was consulted for this session.

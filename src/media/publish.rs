@@ -218,6 +218,8 @@ impl Core {
                 meter: Default::default(),
                 dyn_sent: (rids_len.max(1) - 1) as i8,
                 dyn_lower_since: Some(Instant::now()),
+                layer_bytes: [0; MAX_LAYERS],
+                layer_bps: [0; MAX_LAYERS],
             };
             let tk = self.rooms[room_key].tracks.insert(track);
             p.published.push(tk);

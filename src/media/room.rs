@@ -44,6 +44,10 @@ pub struct Track {
     /// (-1: none), and since when fewer have been wanted.
     pub dyn_sent: i8,
     pub dyn_lower_since: Option<Instant>,
+    /// Bytes each layer brought (with packet overhead) since the last
+    /// measurement, and its rate then, bits per second (0: never seen).
+    pub layer_bytes: [u64; MAX_LAYERS],
+    pub layer_bps: [u64; MAX_LAYERS],
 }
 
 impl Track {

@@ -6,11 +6,15 @@ use std::time::Instant;
 use livekit_protocol as lk;
 use lk::signal_response::Message as Resp;
 
+use super::allocate::Hold;
 use super::engine::{quality_layer, rejoin, Core};
 use super::forward::{layer_for_size, Forwarder};
 use super::participant::{SlotState, Sub};
 use super::room::LAYER_STALE;
 use super::sdp::Kind;
+
+/// How long an offer asked for by a MediaSectionsRequirement may take.
+const REOFFER_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Core {
     // ---------------------------------------------------- subscribing
@@ -44,6 +48,9 @@ impl Core {
             slot: None,
             live: false,
             disabled: false,
+            want: t.top_layer(),
+            paused: false,
+            hold: Hold::default(),
             fwd: {
                 let mut f = Forwarder::new(video, t.clock_rate(), t.top_layer());
                 f.set_available(t.available);
@@ -94,7 +101,7 @@ impl Core {
             self.negotiate_subscriber(key);
             return;
         }
-        if p.reoffer_requested || p.peer.local.sections.is_empty() {
+        if p.reoffer_requested.is_some() || p.peer.local.sections.is_empty() {
             return;
         }
         let count = |k: Kind| {
@@ -111,13 +118,36 @@ impl Core {
             wanted.saturating_sub(free) as u32
         };
         let (num_audios, num_videos) = (count(Kind::Audio), count(Kind::Video));
-        p.reoffer_requested = true;
+        p.reoffer_requested = Some(Instant::now());
         p.send(Resp::MediaSectionsRequirement(
             lk::MediaSectionsRequirement {
                 num_audios,
                 num_videos,
             },
         ));
+    }
+
+    /// A client may drop a MediaSectionsRequirement (livekit-client does
+    /// while it rebuilds its connection in a full reconnect): subscriptions
+    /// still without an m-line after [`REOFFER_RETRY`] are asked for again.
+    pub(super) fn retry_reoffers(&mut self, now: Instant) {
+        let late: Vec<usize> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| {
+                p.reoffer_requested
+                    .is_some_and(|at| now.saturating_duration_since(at) >= REOFFER_RETRY)
+                    && p.subs.iter().any(|(_, s)| s.slot.is_none())
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for key in late {
+            if let Some(p) = self.parts.get_mut(key) {
+                tracing::debug!(participant = %p.sid, "no offer after a media sections requirement: asking again");
+                p.reoffer_requested = None;
+            }
+            self.request_reoffer(key);
+        }
     }
 
     pub(super) fn update_subscription(&mut self, key: usize, s: lk::UpdateSubscription) {
@@ -172,8 +202,16 @@ impl Core {
             sub.disabled = s.disabled || target.is_none();
             if let Some(l) = target {
                 let l = l.min(top);
-                if sub.fwd.target != l {
-                    sub.fwd.target = l;
+                sub.want = l;
+                // Lower at once; higher as far as the downlink allows
+                // (the allocation below), or at once without an estimate.
+                let allowed = if p.downlink.estimate().is_some() {
+                    l.min(sub.fwd.target)
+                } else {
+                    l
+                };
+                if sub.fwd.target != allowed {
+                    sub.fwd.target = allowed;
                     need_kf.push((sub.track, sub.fwd.goal()));
                 }
             }
@@ -182,6 +220,7 @@ impl Core {
         for (tk, l) in need_kf {
             self.request_keyframe(room, tk, l, now);
         }
+        self.allocate_for(key, now);
     }
 
     /// Note which simulcast layers each publisher sends now and tell the

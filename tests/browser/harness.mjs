@@ -118,10 +118,12 @@ function toneWav(path, seconds = 5, rate = 48000, hz = 440) {
 }
 
 /** Debian's Chromium, headless, with a fake camera and microphone. The
- * server's plain-HTTP origin is treated as secure so getUserMedia works. */
-export async function launchBrowser(server) {
+ * server's plain-HTTP origin is treated as secure so getUserMedia works.
+ * `netns`: run it in that network namespace (the lab's other hosts). */
+export async function launchBrowser(server, { netns = null } = {}) {
   return chromium.launch({
-    executablePath: '/usr/bin/chromium',
+    executablePath: netns ? join(here, '..', 'browser-lab', 'chromium-in-netns.sh') : '/usr/bin/chromium',
+    env: netns ? { ...process.env, MOSELLE_CHROMIUM_NETNS: netns } : process.env,
     headless: true,
     args: [
       '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update',
@@ -184,6 +186,30 @@ export async function inboundVideo(p, from) {
     return out;
   }, from);
 }
+
+/** Inbound audio stats (packets, audio energy) of the track `from` publishes, as this page sees it. */
+export async function inboundAudio(p, from) {
+  return p.page.evaluate(async (from) => {
+    const rp = [...window.moselleCall.room.remoteParticipants.values()].find((x) => x.identity === from);
+    const pub = rp && [...rp.audioTrackPublications.values()][0];
+    if (!pub || !pub.track) return null;
+    let out = null;
+    (await pub.track.getRTCStatsReport())?.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'audio') {
+        out = { packets: s.packetsReceived || 0, energy: s.totalAudioEnergy || 0, concealed: s.concealedSamples || 0,
+                samples: s.totalSamplesReceived || 0 };
+      }
+    });
+    return out;
+  }, from);
+}
+
+/** livekit-client's stream state ('active', 'paused') of `from`'s video on this page. */
+export const streamState = (p, from) => p.page.evaluate((from) => {
+  const rp = [...window.moselleCall.room.remoteParticipants.values()].find((x) => x.identity === from);
+  const pub = rp && [...rp.videoTrackPublications.values()][0];
+  return pub?.track?.streamState ?? null;
+}, from);
 
 /** Outbound stats of the page's own camera, per simulcast layer (rid, or `single`). */
 export async function outboundVideo(p) {

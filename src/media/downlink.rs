@@ -1,0 +1,247 @@
+//! Each subscriber's downlink: its bandwidth estimate (str0m's TWCC
+//! estimator, or the client's REMB), each layer's measured rate, and the
+//! layers `allocate` fits into it, applied to the forwarders; a track that
+//! does not fit at all is paused and the client told (StreamStateUpdate).
+//! Runs at housekeeping and on track settings, never per packet.
+
+use std::time::Instant;
+
+use livekit_protocol as lk;
+use lk::signal_response::Message as Resp;
+use str0m::bwe::{Bitrate, BweKind};
+
+use super::allocate::{self, Demand};
+use super::engine::{Core, HOUSEKEEPING};
+use super::forward::Layer;
+use super::room::{Track, MAX_LAYERS};
+use super::sdp::Kind;
+use crate::metrics::MediaCounters;
+
+/// Bytes a forwarded packet costs on the wire beyond its payload: RTP
+/// header and extensions, SRTP tag, UDP and IP.
+pub const WIRE_OVERHEAD: u64 = 60;
+
+/// Share of the estimate spent on media; the rest absorbs RTCP, data
+/// channels and the estimate's own error.
+const HEADROOM: f64 = 0.9;
+
+/// A new estimate or str0m target differing less than this is no news.
+const CHANGE: f64 = 0.05;
+
+impl Core {
+    pub(super) fn on_estimate(&mut self, key: usize, b: BweKind) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        match b {
+            BweKind::Twcc { estimate, .. } => p.downlink.twcc = Some(estimate.as_u64()),
+            // One REMB lists several streams; they carry the same figure.
+            BweKind::Remb { estimate, .. } => p.downlink.remb = Some(estimate.as_u64()),
+            _ => {}
+        }
+    }
+
+    /// Turn each track's byte counts since the last look into rates.
+    pub(super) fn measure_layers(&mut self, _now: Instant) {
+        let secs = HOUSEKEEPING.as_secs_f64();
+        for (_, room) in self.rooms.iter_mut() {
+            for (_, t) in room.tracks.iter_mut() {
+                for l in 0..MAX_LAYERS {
+                    let bytes = std::mem::take(&mut t.layer_bytes[l]);
+                    if bytes == 0 {
+                        // Stopped (dynacast, a muted camera): keep the last rate.
+                        continue;
+                    }
+                    let bps = (bytes as f64 * 8.0 / secs) as u64;
+                    t.layer_bps[l] = if t.layer_bps[l] == 0 {
+                        bps
+                    } else {
+                        (t.layer_bps[l] + bps) / 2
+                    };
+                }
+            }
+        }
+    }
+
+    pub(super) fn allocate_downlinks(&mut self, now: Instant) {
+        let keys: Vec<usize> = self
+            .parts
+            .iter()
+            .filter(|(_, p)| p.downlink.estimate().is_some())
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            self.allocate_for(k, now);
+        }
+        self.publish_gauges();
+    }
+
+    /// Fit one subscriber's video into its estimate and apply the result.
+    pub(super) fn allocate_for(&mut self, key: usize, now: Instant) {
+        let Core {
+            parts,
+            rooms,
+            counters,
+            ..
+        } = self;
+        let Some(p) = parts.get_mut(key) else {
+            return;
+        };
+        let Some(estimate) = p.downlink.estimate() else {
+            return;
+        };
+        let Some(room) = rooms.get(p.room) else {
+            return;
+        };
+        let mut audio = 0u64;
+        let mut demands = Vec::new();
+        let mut subs = Vec::new();
+        for (sk, sub) in p.subs.iter() {
+            if !sub.live || sub.disabled {
+                continue;
+            }
+            let Some(t) = room.tracks.get(sub.track) else {
+                continue;
+            };
+            match sub.kind {
+                Kind::Audio => audio += t.layer_bps[0],
+                Kind::Video => {
+                    let speaking = room
+                        .speakers
+                        .iter()
+                        .any(|(sid, _)| *sid == sub.publisher_sid);
+                    let share = t.info.source == lk::TrackSource::ScreenShare as i32;
+                    demands.push(Demand {
+                        wanted: sub.want,
+                        cost: layer_costs(t),
+                        layers: t.layer_count(),
+                        rank: if share {
+                            0
+                        } else if speaking {
+                            1
+                        } else {
+                            2
+                        },
+                        current: (!sub.paused).then_some(sub.fwd.target),
+                    });
+                    subs.push(sk);
+                }
+                _ => {}
+            }
+        }
+        let budget = ((estimate as f64 * HEADROOM) as u64).saturating_sub(audio);
+        let mut holds: Vec<_> = subs.iter().map(|&sk| p.subs[sk].hold.clone()).collect();
+        let out = allocate::allocate(budget, &demands, &mut holds, now);
+
+        if out.iter().zip(&demands).any(|(o, d)| *o != d.current) {
+            tracing::debug!(
+                participant = %p.sid,
+                estimate,
+                audio,
+                budget,
+                was = ?demands.iter().map(|d| d.current).collect::<Vec<_>>(),
+                now = ?out,
+                costs = ?demands.iter().map(|d| d.cost).collect::<Vec<_>>(),
+                "downlink allocation"
+            );
+        }
+        let mut states = Vec::new();
+        let mut keyframes: Vec<(usize, Layer)> = Vec::new();
+        for (i, &sk) in subs.iter().enumerate() {
+            let sub = &mut p.subs[sk];
+            sub.hold = holds[i].clone();
+            let (was, now_) = (demands[i].current, out[i]);
+            if was == now_ {
+                continue;
+            }
+            if now_ < was {
+                MediaCounters::add(&counters.bwe_downgrades, 1);
+            }
+            match now_ {
+                None => {
+                    sub.paused = true;
+                    sub.fwd.pause();
+                    MediaCounters::add(&counters.bwe_pauses, 1);
+                    states.push(stream_state(sub, lk::StreamState::Paused));
+                }
+                Some(l) => {
+                    sub.fwd.target = l;
+                    if sub.paused {
+                        sub.paused = false;
+                        states.push(stream_state(sub, lk::StreamState::Active));
+                    }
+                    // Either way the switch waits for a keyframe.
+                    keyframes.push((sub.track, sub.fwd.goal()));
+                }
+            }
+        }
+        if !states.is_empty() {
+            tracing::debug!(participant = %p.sid, estimate, changes = states.len(), "stream states");
+            p.send(Resp::StreamStateUpdate(lk::StreamStateUpdate {
+                stream_states: states,
+            }));
+        }
+
+        // What to probe for: everything as wanted, with the room a raise
+        // needs (else the estimate settles just short of the top layer).
+        let wanted = audio
+            + demands
+                .iter()
+                .map(|d| d.cost[d.wanted.min(d.layers.saturating_sub(1) as Layer) as usize])
+                .sum::<u64>();
+        let desired = (wanted as f64 * allocate::RAISE_MARGIN / HEADROOM) as u64;
+        let dl = &mut p.downlink;
+        let (_, last) = dl.bitrate_set;
+        if (desired as f64 - last as f64).abs() > last as f64 * CHANGE {
+            dl.bitrate_set = (0, desired);
+            p.send_peer()
+                .rtc
+                .bwe()
+                .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+        }
+        let room_key = p.room;
+        for (tk, l) in keyframes {
+            self.request_keyframe(room_key, tk, l, now);
+        }
+    }
+}
+
+fn stream_state(sub: &super::participant::Sub, state: lk::StreamState) -> lk::StreamStateInfo {
+    lk::StreamStateInfo {
+        participant_sid: sub.publisher_sid.clone(),
+        track_sid: sub.track_sid.clone(),
+        state: state as i32,
+    }
+}
+
+/// What each layer of a track costs: measured, else what the publisher
+/// declared, else a guess by its height; never less than the layer below.
+// `TrackInfo.layers` is deprecated, yet it is what clients fill and read.
+#[allow(deprecated)]
+fn layer_costs(t: &Track) -> [u64; MAX_LAYERS] {
+    let mut cost = [0u64; MAX_LAYERS];
+    for l in 0..t.layer_count().min(MAX_LAYERS) {
+        let declared = t
+            .info
+            .layers
+            .iter()
+            .find(|v| v.quality == l as i32)
+            .map(|v| v.bitrate as u64)
+            .unwrap_or(0);
+        let height = t.dims.get(l).map(|d| d.1).unwrap_or(0);
+        let guess = match height {
+            0..=240 => 150_000,
+            241..=540 => 500_000,
+            _ => 1_500_000,
+        };
+        let c = if t.layer_bps[l] > 0 {
+            t.layer_bps[l]
+        } else if declared > 0 {
+            declared
+        } else {
+            guess
+        };
+        cost[l] = if l > 0 { c.max(cost[l - 1] + 1) } else { c };
+    }
+    cost
+}
