@@ -49,6 +49,9 @@ enum Cmd {
         /// No ICE over TCP (`[rtc] ice_tcp = false`).
         #[arg(long)]
         no_ice_tcp: bool,
+        /// No downlink bandwidth estimation (`[rtc] downlink_bwe = false`).
+        #[arg(long)]
+        no_downlink_bwe: bool,
         /// Forwarding worker threads (default: `[rtc] workers`, 0 = one per core).
         #[arg(long)]
         workers: Option<usize>,
@@ -137,6 +140,7 @@ fn main() -> anyhow::Result<()> {
             udp_port,
             tcp_port,
             no_ice_tcp,
+            no_downlink_bwe,
             workers,
             node_ips,
             log_json,
@@ -157,6 +161,9 @@ fn main() -> anyhow::Result<()> {
             }
             if no_ice_tcp {
                 config.rtc.ice_tcp = false;
+            }
+            if no_downlink_bwe {
+                config.rtc.downlink_bwe = false;
             }
             if let Some(w) = workers {
                 config.rtc.workers = w;

@@ -30,6 +30,9 @@ pub struct MediaCounters {
     pub bwe_pauses: AtomicU64,
     pub bwe_paused_tracks: AtomicU64,
     pub backlog_drops: AtomicU64,
+    /// Per open room: (video tracks paused for bandwidth now, downgrades
+    /// for bandwidth so far). Written by the workers' housekeeping.
+    pub room_bandwidth: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
     pub sdp_errors: AtomicU64,
     pub signal_errors: AtomicU64,
     pub rooms: AtomicU64,
@@ -243,9 +246,43 @@ pub fn render(media: &MediaCounters, signal: &moselle_signaling::SignalCounters)
             "# HELP moselle_{name} {help}\n# TYPE moselle_{name} {kind}\nmoselle_{name} {v}"
         );
     }
+    render_rooms(&mut s, media);
     render_counters(&mut s, signal.snapshot());
     render_process(&mut s);
     s
+}
+
+/// Per-room series, labelled by room name (escaped as Prometheus wants).
+fn render_rooms(s: &mut String, media: &MediaCounters) {
+    let rooms: Vec<(String, (u64, u64))> = match media.room_bandwidth.lock() {
+        Ok(m) => m.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        Err(_) => return,
+    };
+    let label = |r: &str| {
+        r.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    for (name, kind, help, pick) in [
+        (
+            "room_bandwidth_paused_tracks",
+            "gauge",
+            "Subscribed video tracks paused for bandwidth now, per room",
+            0,
+        ),
+        (
+            "room_bandwidth_downgrades_total",
+            "counter",
+            "Subscribed video moved to a lower layer or paused for a subscriber's bandwidth, per room",
+            1,
+        ),
+    ] {
+        let _ = writeln!(s, "# HELP moselle_{name} {help}\n# TYPE moselle_{name} {kind}");
+        for (room, v) in &rooms {
+            let v = if pick == 0 { v.0 } else { v.1 };
+            let _ = writeln!(s, "moselle_{name}{{room=\"{}\"}} {v}", label(room));
+        }
+    }
 }
 
 /// The standard Prometheus process metrics, so a load generator (or an
@@ -309,5 +346,25 @@ mod tests {
         let u = process_usage(None).expect("/proc/self/stat");
         assert!(u.rss_bytes > 0 && u.cpu_seconds >= 0.0, "{u:?}");
         assert!(process_usage(Some(u32::MAX)).is_none());
+    }
+
+    #[test]
+    fn room_series_carry_escaped_room_names() {
+        let m = MediaCounters::default();
+        m.room_bandwidth
+            .lock()
+            .unwrap()
+            .insert("a\"b\\c\nd".into(), (2, 5));
+        let mut s = String::new();
+        render_rooms(&mut s, &m);
+        assert!(
+            s.contains("moselle_room_bandwidth_paused_tracks{room=\"a\\\"b\\\\c\\nd\"} 2"),
+            "{s}"
+        );
+        assert!(
+            s.contains("moselle_room_bandwidth_downgrades_total{room=\"a\\\"b\\\\c\\nd\"} 5"),
+            "{s}"
+        );
+        assert!(s.contains("# TYPE moselle_room_bandwidth_downgrades_total counter"));
     }
 }

@@ -63,6 +63,10 @@ struct Args {
     /// Server binary to start (default: `moselle` beside this one).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// More arguments for the local server's `moselle serve` (repeatable),
+    /// e.g. `--server-arg=--no-downlink-bwe`.
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
     /// Forwarding worker counts to run the local server with, each in turn.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     workers: Vec<usize>,
@@ -131,7 +135,14 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
                             .context("no directory for this executable")?
                             .join("moselle"),
                     };
-                    server::Server::start_local(&bin, args.ip, workers, &args.out).await?
+                    server::Server::start_local(
+                        &bin,
+                        args.ip,
+                        workers,
+                        &args.server_args,
+                        &args.out,
+                    )
+                    .await?
                 }
             };
             let (key, secret) = match (&args.key, &args.secret, &args.url) {

@@ -37,6 +37,7 @@ impl Server {
         bin: &Path,
         ip: IpAddr,
         workers: Option<usize>,
+        extra_args: &[String],
         out_dir: &Path,
     ) -> anyhow::Result<Self> {
         if !bin.is_file() {
@@ -63,6 +64,7 @@ impl Server {
         if let Some(w) = workers {
             cmd.args(["--workers", &w.to_string()]);
         }
+        cmd.args(extra_args);
         let child = cmd
             .spawn()
             .with_context(|| format!("start {}", bin.display()))?;

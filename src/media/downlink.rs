@@ -74,6 +74,26 @@ impl Core {
             self.allocate_for(k, now);
         }
         self.publish_gauges();
+        self.publish_room_bandwidth();
+    }
+
+    /// Per-room paused tracks and downgrades for `/metrics` (one lock per
+    /// housekeeping pass).
+    fn publish_room_bandwidth(&mut self) {
+        let Ok(mut m) = self.counters.room_bandwidth.lock() else {
+            return;
+        };
+        for (_, room) in self.rooms.iter() {
+            let paused = room
+                .participants
+                .iter()
+                .filter_map(|k| self.parts.get(*k))
+                .map(|p| p.subs.iter().filter(|(_, s)| s.paused).count() as u64)
+                .sum();
+            if paused > 0 || room.bwe_downgrades > 0 || m.contains_key(&room.name) {
+                m.insert(room.name.clone(), (paused, room.bwe_downgrades));
+            }
+        }
     }
 
     /// Fit one subscriber's video into its estimate and apply the result.
@@ -146,6 +166,7 @@ impl Core {
             );
         }
         let mut states = Vec::new();
+        let mut downgrades = 0;
         let mut keyframes: Vec<(usize, Layer)> = Vec::new();
         for (i, &sk) in subs.iter().enumerate() {
             let sub = &mut p.subs[sk];
@@ -156,6 +177,7 @@ impl Core {
             }
             if now_ < was {
                 MediaCounters::add(&counters.bwe_downgrades, 1);
+                downgrades += 1;
             }
             match now_ {
                 None => {
@@ -200,6 +222,9 @@ impl Core {
                 .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
         }
         let room_key = p.room;
+        if let Some(r) = rooms.get_mut(room_key) {
+            r.bwe_downgrades += downgrades;
+        }
         for (tk, l) in keyframes {
             self.request_keyframe(room_key, tk, l, now);
         }

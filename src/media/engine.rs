@@ -956,6 +956,12 @@ impl Core {
             // Receiver reports feed connection quality.
             .set_stats_interval(Some(Duration::from_secs(2)))
             .build(Instant::now());
+        if let Some(initial) = bwe {
+            // Probe from the start (str0m probes nothing while nothing is
+            // desired); the allocation sets the real figure.
+            rtc.bwe()
+                .set_bitrate(str0m::bwe::Bitrate::ZERO, initial * 3.0);
+        }
         // The TCP rung of the fallback ladder: no UDP candidates.
         let udp: &[SocketAddr] = if rung == Rung::TcpOnly {
             &[]
@@ -1283,6 +1289,7 @@ impl Core {
             speakers: Vec::new(),
             departure_timeout_secs: self.cfg.departure_timeout_secs,
             empty_timeout_secs: self.cfg.empty_timeout_secs,
+            bwe_downgrades: 0,
         });
         self.room_by_name.insert(name.to_string(), key);
         if let Ok(mut d) = self.directory.write() {
@@ -1610,6 +1617,9 @@ impl Core {
             self.room_by_name.remove(&r.name);
             if let Ok(mut d) = self.directory.write() {
                 d.remove(&r.name);
+            }
+            if let Ok(mut m) = self.counters.room_bandwidth.lock() {
+                m.remove(&r.name);
             }
             tracing::info!(room = %r.name, "room closed");
         }

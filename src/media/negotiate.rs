@@ -221,10 +221,14 @@ impl Core {
             return;
         };
         let mut kf = Vec::new();
+        let mut video_mids = Vec::new();
         for (sk, mid, tk, map, kind, clock) in ready {
             let Some(sub) = p.subs.get_mut(sk) else {
                 continue;
             };
+            if kind == Kind::Video {
+                video_mids.push(Mid::from(mid.as_str()));
+            }
             sub.pt_map = map;
             sub.mid = Some(Mid::from(mid.as_str()));
             sub.live = true;
@@ -233,6 +237,17 @@ impl Core {
             sub.fwd.set_available(available);
             if kind == Kind::Video {
                 kf.push((tk, sub.fwd.goal()));
+            }
+        }
+        // Forwarded video is not held to the estimate by str0m's pacer: the
+        // allocation keeps it within the estimate, and pacing a keyframe's
+        // burst at the estimate's rate delayed it by up to a tenth of a
+        // second on fast links (as LiveKit, which does not pace either).
+        // Probes and padding are still paced.
+        let mut api = p.send_peer().rtc.direct_api();
+        for mid in video_mids {
+            if let Some(stx) = api.stream_tx_by_mid(mid, None) {
+                stx.set_unpaced(true);
             }
         }
         let now = Instant::now();

@@ -1,5 +1,6 @@
 //! Connection quality: each participant rated by the worst packet loss on
-//! its streams, announced to the room when it changes.
+//! its streams and by what its downlink could not carry (video paused or
+//! below the layers asked for), announced to the room when it changes.
 
 use livekit_protocol as lk;
 use lk::signal_response::Message as Resp;
@@ -29,17 +30,33 @@ impl Core {
                     continue;
                 };
                 let loss = std::mem::take(&mut p.worst_loss);
-                let q = match loss {
-                    l if l < 0.02 => lk::ConnectionQuality::Excellent,
-                    l if l < 0.06 => lk::ConnectionQuality::Good,
-                    _ => lk::ConnectionQuality::Poor,
+                let by_loss = match loss {
+                    l if l < 0.02 => 2,
+                    l if l < 0.06 => 1,
+                    _ => 0,
                 };
+                // As LiveKit rates a subscriber: a track paused for bandwidth
+                // is poor, one held below the layer asked for at most good.
+                let live = || p.subs.iter().filter(|(_, s)| s.live && !s.disabled);
+                let by_downlink = if live().any(|(_, s)| s.paused) {
+                    0
+                } else if live().any(|(_, s)| s.fwd.target < s.want) {
+                    1
+                } else {
+                    2
+                };
+                let (q, cap) = match by_loss.min(by_downlink) {
+                    2 => (lk::ConnectionQuality::Excellent, 5.0),
+                    1 => (lk::ConnectionQuality::Good, 3.5),
+                    _ => (lk::ConnectionQuality::Poor, 2.0),
+                };
+                let score = (5.0 * (1.0 - loss * 5.0)).clamp(1.0, cap);
                 changed |= p.quality != Some(q);
                 p.quality = Some(q);
                 infos.push(lk::ConnectionQualityInfo {
                     participant_sid: p.sid.clone(),
                     quality: q as i32,
-                    score: (5.0 * (1.0 - loss * 5.0)).clamp(1.0, 5.0),
+                    score,
                 });
             }
             if !changed {

@@ -93,6 +93,8 @@ pub struct Room {
     pub speakers: Vec<(String, f32)>,
     pub departure_timeout_secs: u64,
     pub empty_timeout_secs: u64,
+    /// Subscribed video moved down or paused for bandwidth, so far.
+    pub bwe_downgrades: u64,
 }
 
 impl Room {

@@ -60,6 +60,19 @@ async function window(p, ms = 2000) {
   };
 }
 
+/** A per-room series of /metrics (`moselle_<name>{room="<room>"}`), 0 when absent. */
+async function roomMetric(name, room) {
+  const text = await (await fetch(`${env.server.base}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(`moselle_${name}{room="${room}"} `));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+/** Bob's own connection quality as the server last rated it. */
+const ownQuality = (p) => p.page.evaluate(() => {
+  const q = window.moselleCall.events.filter((e) => e.type === 'quality' && e.who === 'Bob');
+  return q.length ? q[q.length - 1].quality : null;
+});
+
 test('a subscriber\'s downlink estimate drives its layers: lower at 600 kbit/s, paused at 150 kbit/s (audio goes on), back to the top when the limit goes', async () => {
   shape(null);
   const room = `bandwidth-${Date.now()}`;
@@ -116,6 +129,11 @@ test('a subscriber\'s downlink estimate drives its layers: lower at 600 kbit/s, 
     assert.ok(w150.audioPps >= 40, `Bob's audio goes on while his video is paused: ${JSON.stringify(w150)}`);
     assert.ok((await env.server.metric('bandwidth_pauses_total')) > pauses0, 'the server counted a pause');
     assert.ok((await env.server.metric('bandwidth_paused_tracks')) >= 1, 'the paused-tracks gauge shows it');
+    assert.equal(await roomMetric('room_bandwidth_paused_tracks', room), 1, 'the room\'s paused-tracks series shows it');
+    assert.ok((await roomMetric('room_bandwidth_downgrades_total', room)) >= 2, 'the room\'s downgrades series counts the cuts');
+    // Connection quality follows (announced every 5 s).
+    const q = await waitFor('Bob\'s connection quality to drop to poor', async () => ((await ownQuality(bob)) === 'poor' ? 'poor' : null), 12000, 500);
+    note(`150 kbit/s: Bob's own connection quality: ${q}`);
 
     // No limit: active again, then the top layer.
     shape(null);
