@@ -68,6 +68,8 @@ impl Hold {
     /// this long: a dip of the estimate (a burst of cross traffic, a busy
     /// receiver) costs a lower layer, not the picture.
     const PAUSE_AFTER: Duration = Duration::from_millis(1500);
+    /// The least a paused track waits before it is tried again.
+    const PAUSED: Duration = Duration::from_secs(8);
 
     fn may_raise(&self, now: Instant) -> bool {
         self.until.is_none_or(|u| now >= u)
@@ -78,7 +80,10 @@ impl Hold {
         self.until = Some(now + Self::STEP);
     }
 
-    fn cut(&mut self, now: Instant) {
+    /// A cut; `pause` when it stops the track: resuming is the costliest
+    /// guess to get wrong (an estimate probed up while almost nothing was
+    /// sent is often not there), so it waits at least [`Self::PAUSED`].
+    fn cut(&mut self, now: Instant, pause: bool) {
         if self
             .last_down
             .is_some_and(|d| now.saturating_duration_since(d) >= Self::CALM)
@@ -92,13 +97,20 @@ impl Hold {
             self.wait = (self.wait * 2).min(Self::MAX);
         }
         self.last_down = Some(now);
-        self.until = Some(now + self.wait);
+        let wait = if pause {
+            self.wait.max(Self::PAUSED)
+        } else {
+            self.wait
+        };
+        self.until = Some(now + wait);
     }
 }
 
-/// A raise must fit this much below the budget, a current layer only
-/// within it: the gap keeps layers from flapping around one estimate.
-pub const RAISE_MARGIN: f64 = 1.2;
+/// A raise must fit this much below the budget (the whole estimate after
+/// audio), a current layer only within it: the gap keeps layers from
+/// flapping around one estimate, and a small dip of the estimate (which
+/// tracks about what is sent) from cutting a layer that still fits.
+pub const RAISE_MARGIN: f64 = 1.35;
 
 fn cost(d: &Demand, l: Option<Layer>) -> u64 {
     l.map_or(0, |l| d.cost[l as usize])
@@ -217,7 +229,7 @@ pub fn allocate(
         if out[i] > d.current {
             holds[i].raised(now);
         } else if out[i] < d.current {
-            holds[i].cut(now);
+            holds[i].cut(now, out[i].is_none());
         }
     }
     out

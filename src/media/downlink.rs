@@ -21,10 +21,6 @@ use crate::metrics::MediaCounters;
 /// header and extensions, SRTP tag, UDP and IP.
 pub const WIRE_OVERHEAD: u64 = 60;
 
-/// Share of the estimate spent on media; the rest absorbs RTCP, data
-/// channels and the estimate's own error.
-const HEADROOM: f64 = 0.9;
-
 /// A new estimate or str0m target differing less than this is no news.
 const CHANGE: f64 = 0.05;
 
@@ -39,6 +35,30 @@ impl Core {
             BweKind::Remb { estimate, .. } => p.downlink.remb = Some(estimate.as_u64()),
             _ => {}
         }
+    }
+
+    /// ICE found a path again after losing it (another network, TCP after
+    /// UDP): what the old path carried says nothing of the new one, and an
+    /// estimate that collapsed while no feedback came would keep the video
+    /// paused for long. Start afresh from the initial estimate.
+    pub(super) fn downlink_path_changed(&mut self, key: usize, now: Instant) {
+        let Some(initial) = self.cfg.bwe_initial else {
+            return;
+        };
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        tracing::debug!(participant = %p.sid, "downlink estimate restarted");
+        p.downlink.twcc = Some(initial.as_u64());
+        p.downlink.remb = None;
+        p.downlink.bitrate_set = (0, 0);
+        for (_, s) in p.subs.iter_mut() {
+            s.hold = allocate::Hold::default();
+        }
+        let mut bwe = p.send_peer().rtc.bwe();
+        bwe.reset(initial);
+        bwe.set_bitrate(Bitrate::ZERO, initial * 3.0);
+        self.allocate_for(key, now);
     }
 
     /// Turn each track's byte counts since the last look into rates.
@@ -149,7 +169,7 @@ impl Core {
                 _ => {}
             }
         }
-        let budget = ((estimate as f64 * HEADROOM) as u64).saturating_sub(audio);
+        let budget = estimate.saturating_sub(audio);
         let mut holds: Vec<_> = subs.iter().map(|&sk| p.subs[sk].hold.clone()).collect();
         let out = allocate::allocate(budget, &demands, &mut holds, now);
 
@@ -211,15 +231,41 @@ impl Core {
                 .iter()
                 .map(|d| d.cost[d.wanted.min(d.layers.saturating_sub(1) as Layer) as usize])
                 .sum::<u64>();
-        let desired = (wanted as f64 * allocate::RAISE_MARGIN / HEADROOM) as u64;
+        let desired = (wanted as f64 * allocate::RAISE_MARGIN) as u64;
+        // Receiving video below what it wants: have str0m pad up to what the
+        // next step would send (capped by the estimate, stopped on overuse).
+        // An estimate only ever sees what is sent, and without this it
+        // settles just above the current rate, where any dip cuts a layer
+        // and no raise ever fits. Not while all video is paused: padding is
+        // resent video, which would only crowd a link too weak for any.
+        let sending = audio
+            + demands
+                .iter()
+                .zip(&out)
+                .map(|(d, o)| o.map_or(0, |l| d.cost[l as usize]))
+                .sum::<u64>();
+        let next_step = demands
+            .iter()
+            .zip(&out)
+            .filter_map(|(d, o)| match o {
+                Some(l) if *l < d.cap() => Some(d.cost[*l as usize + 1] - d.cost[*l as usize]),
+                _ => None,
+            })
+            .min();
+        let minimum = next_step
+            .map_or(0, |s| {
+                ((sending + s) as f64 * allocate::RAISE_MARGIN) as u64
+            })
+            .min(desired);
         let dl = &mut p.downlink;
-        let (_, last) = dl.bitrate_set;
-        if (desired as f64 - last as f64).abs() > last as f64 * CHANGE {
-            dl.bitrate_set = (0, desired);
+        let (last_min, last) = dl.bitrate_set;
+        let moved = |a: u64, b: u64| (a as f64 - b as f64).abs() > b as f64 * CHANGE;
+        if moved(desired, last) || moved(minimum, last_min) || (minimum == 0) != (last_min == 0) {
+            dl.bitrate_set = (minimum, desired);
             p.send_peer()
                 .rtc
                 .bwe()
-                .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+                .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired));
         }
         let room_key = p.room;
         if let Some(r) = rooms.get_mut(room_key) {

@@ -603,18 +603,33 @@ impl Core {
                 self.request_keyframe(room, track, layer, now);
             }
             Event::IceConnectionStateChange(s) => {
+                let mut path_back = false;
                 if let Some(p) = self.parts.get_mut(key) {
                     tracing::debug!(participant = %p.sid, state = ?s, "ice state");
                     use str0m::IceConnectionState as Ice;
                     match s {
-                        // Only while signaling lives: a client that lost both
-                        // resumes, and is not moved down the ladder for it.
-                        Ice::Disconnected if p.detached_at.is_none() => {
-                            p.ice_lost_at.get_or_insert(now);
+                        // Checking again once media flowed: the client is
+                        // moving to another pair (UDP to TCP, a new network).
+                        Ice::Checking if p.downlink.estimate().is_some() => {
+                            p.downlink.path_lost = true;
                         }
-                        Ice::Connected | Ice::Completed => p.ice_lost_at = None,
+                        Ice::Disconnected => {
+                            p.downlink.path_lost = true;
+                            // Only while signaling lives: a client that lost
+                            // both resumes, and is not moved down the ladder.
+                            if p.detached_at.is_none() {
+                                p.ice_lost_at.get_or_insert(now);
+                            }
+                        }
+                        Ice::Connected | Ice::Completed => {
+                            p.ice_lost_at = None;
+                            path_back = std::mem::take(&mut p.downlink.path_lost);
+                        }
                         _ => {}
                     }
+                }
+                if path_back {
+                    self.downlink_path_changed(key, now);
                 }
             }
             Event::ChannelOpen(id, label) => {

@@ -89,6 +89,8 @@ pub struct Downlink {
     pub remb: Option<u64>,
     /// (minimum, desired) last given to str0m's estimator.
     pub bitrate_set: (u64, u64),
+    /// ICE lost its path; the estimate is started afresh when it is back.
+    pub path_lost: bool,
 }
 
 impl Downlink {

@@ -13,7 +13,7 @@ import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import {
-  launchBrowser, openCall, inboundVideo, inboundAudio, streamState, sizeVideoOf, keepsDecoding, waitFor, sleep,
+  launchBrowser, openCall, inboundVideo, inboundAudio, outboundVideo, streamState, sizeVideoOf, keepsDecoding, waitFor, sleep,
 } from '../browser/harness.mjs';
 import { lab, startLabServer } from './netlab.mjs';
 
@@ -88,7 +88,10 @@ test('a subscriber\'s downlink estimate drives its layers: lower at 600 kbit/s, 
 
     // Open links: both get the top layer.
     for (const p of [bob, carol]) {
-      await waitFor(`${p.name} to receive Alice's top layer (1280 wide)`, async () => (await inboundVideo(p, 'Alice'))?.width === 1280, 45000, 500);
+      await waitFor(`${p.name} to receive Alice's top layer (1280 wide)`, async () => (await inboundVideo(p, 'Alice'))?.width === 1280, 45000, 500)
+        .catch(async (e) => {
+          throw new Error(`${e.message}; ${p.name} gets ${JSON.stringify(await window(p))}; Alice sends ${JSON.stringify(await outboundVideo(alice))}`);
+        });
     }
     note(`open link: Bob ${JSON.stringify(await window(bob))}, Carol ${JSON.stringify(await window(carol))}`);
     const freezes0 = (await inboundVideo(bob, 'Alice')).freezeCount;
@@ -123,9 +126,11 @@ test('a subscriber\'s downlink estimate drives its layers: lower at 600 kbit/s, 
     const c150 = await window(carol);
     note(`150 kbit/s: paused (client told) ${pausedAfter} ms after the limit; then ${JSON.stringify(w150)}; Carol ${JSON.stringify(c150)}`);
     assert.equal(c150.width, 1280, `Carol keeps 1280x720 while Bob is paused: ${JSON.stringify(c150)}`);
-    // Nothing is forwarded; a stray late frame may still complete from
-    // str0m's probe padding (resent cached packets).
-    assert.ok(w150.fps < 1 && w150.kbps < 30, `no video flows while paused: ${JSON.stringify(w150)}`);
+    // Nothing is forwarded. str0m's probes pad with resent cached video
+    // packets, which can complete a few stale frames lost on the link (a
+    // few per second at most, some tens of kbit/s); the lowest layer
+    // flowing would be ~20 fps and ~150 kbit/s.
+    assert.ok(w150.fps < 5 && w150.kbps < 60, `no video flows while paused: ${JSON.stringify(w150)}`);
     assert.ok(w150.audioPps >= 40, `Bob's audio goes on while his video is paused: ${JSON.stringify(w150)}`);
     assert.ok((await env.server.metric('bandwidth_pauses_total')) > pauses0, 'the server counted a pause');
     assert.ok((await env.server.metric('bandwidth_paused_tracks')) >= 1, 'the paused-tracks gauge shows it');
