@@ -169,9 +169,15 @@ fn fill(
 /// The layers to send within `budget` (bits per second for video): cuts at
 /// once when the current layers do not fit, raises one step at a time,
 /// only with [`RAISE_MARGIN`] to spare and when the track's [`Hold`] allows.
-/// `holds` is updated for what changed.
+///
+/// `congested`: the estimate fell lately. Otherwise it only tracks what is
+/// sent (a send-side estimate cannot see capacity nothing used), so it
+/// neither cuts nor stops a raise of a flowing track; a raise that does not
+/// fit shows as congestion, and is cut. Paused tracks resume only within
+/// the estimate either way. `holds` is updated for what changed.
 pub fn allocate(
     budget: u64,
+    congested: bool,
     demands: &[Demand],
     holds: &mut [Hold],
     now: Instant,
@@ -183,18 +189,29 @@ pub fn allocate(
         .iter()
         .map(|d| d.current.map(|c| c.min(d.cap())))
         .collect();
-    let keep = fill(budget, demands, &keep_caps, &order);
+    let keep = if congested {
+        fill(budget, demands, &keep_caps, &order)
+    } else {
+        keep_caps
+    };
     // One step up for each, with margin.
     let up_caps: Vec<Option<Layer>> = demands
         .iter()
         .map(|d| Some(d.current.map_or(0, |c| (c + 1).min(d.cap()))))
         .collect();
-    let up = fill(
+    let mut up = fill(
         (budget as f64 / RAISE_MARGIN) as u64,
         demands,
         &up_caps,
         &order,
     );
+    if !congested {
+        for (i, d) in demands.iter().enumerate() {
+            if d.current.is_some() {
+                up[i] = up_caps[i];
+            }
+        }
+    }
     let mut out: Vec<Option<Layer>> = (0..demands.len())
         .map(|i| {
             if up[i] > keep[i] && up[i] > demands[i].current && holds[i].may_raise(now) {
@@ -210,7 +227,7 @@ pub fn allocate(
         (0..demands.len()).map(|i| cost(&demands[i], out[i])).sum()
     };
     for &i in order.iter().rev() {
-        if total(&out) <= budget {
+        if !congested || total(&out) <= budget {
             break;
         }
         if out[i] > keep[i] {
@@ -253,7 +270,7 @@ mod tests {
 
     fn run(budget: u64, demands: &[Demand], now: Instant) -> Vec<Option<Layer>> {
         let mut holds = vec![Hold::default(); demands.len()];
-        allocate(budget, demands, &mut holds, now)
+        allocate(budget, true, demands, &mut holds, now)
     }
 
     #[test]
@@ -269,10 +286,11 @@ mod tests {
         assert_eq!(run(600_000, &[cam(Some(2))], now), vec![Some(1)]);
         // Not even the lowest layer fits: the lowest until that has lasted.
         let mut holds = vec![Hold::default()];
-        let a = allocate(100_000, &[cam(Some(2))], &mut holds, now);
+        let a = allocate(100_000, true, &[cam(Some(2))], &mut holds, now);
         assert_eq!(a, vec![Some(0)]);
         let b = allocate(
             100_000,
+            true,
             &[cam(Some(0))],
             &mut holds,
             now + Duration::from_secs(1),
@@ -280,6 +298,7 @@ mod tests {
         assert_eq!(b, vec![Some(0)]);
         let c = allocate(
             100_000,
+            true,
             &[cam(Some(0))],
             &mut holds,
             now + Duration::from_secs(2),
@@ -297,11 +316,12 @@ mod tests {
         let t0 = Instant::now();
         let mut holds = vec![Hold::default()];
         // Paused, plenty of room: the lowest layer first.
-        let a = allocate(5_000_000, &[cam(None)], &mut holds, t0);
+        let a = allocate(5_000_000, true, &[cam(None)], &mut holds, t0);
         assert_eq!(a, vec![Some(0)]);
         // Too soon for the next step.
         let b = allocate(
             5_000_000,
+            true,
             &[cam(Some(0))],
             &mut holds,
             t0 + Duration::from_millis(500),
@@ -309,6 +329,7 @@ mod tests {
         assert_eq!(b, vec![Some(0)]);
         let c = allocate(
             5_000_000,
+            true,
             &[cam(Some(0))],
             &mut holds,
             t0 + Duration::from_secs(2),
@@ -317,6 +338,7 @@ mod tests {
         // 1.5 Mbit/s fits the top layer exactly but not with the margin.
         let d = allocate(
             1_500_000,
+            true,
             &[cam(Some(1))],
             &mut holds,
             t0 + Duration::from_secs(4),
@@ -329,23 +351,23 @@ mod tests {
         let t0 = Instant::now();
         let mut holds = vec![Hold::default()];
         assert_eq!(
-            allocate(5_000_000, &[cam(Some(1))], &mut holds, t0),
+            allocate(5_000_000, true, &[cam(Some(1))], &mut holds, t0),
             vec![Some(2)]
         );
         // It did not fit: cut 2 s later; the wait is now 6 s, not 3.
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(
-            allocate(1_000_000, &[cam(Some(2))], &mut holds, t1),
+            allocate(1_000_000, true, &[cam(Some(2))], &mut holds, t1),
             vec![Some(1)]
         );
         let t2 = t1 + Duration::from_secs(4);
         assert_eq!(
-            allocate(5_000_000, &[cam(Some(1))], &mut holds, t2),
+            allocate(5_000_000, true, &[cam(Some(1))], &mut holds, t2),
             vec![Some(1)]
         );
         let t3 = t1 + Duration::from_secs(6);
         assert_eq!(
-            allocate(5_000_000, &[cam(Some(1))], &mut holds, t3),
+            allocate(5_000_000, true, &[cam(Some(1))], &mut holds, t3),
             vec![Some(2)]
         );
     }
@@ -355,8 +377,8 @@ mod tests {
         let now = Instant::now();
         let run = |budget, d: &[Demand]| {
             let mut holds = vec![Hold::default(); d.len()];
-            allocate(budget, d, &mut holds, now);
-            allocate(budget, d, &mut holds, now + Duration::from_secs(2))
+            allocate(budget, true, d, &mut holds, now);
+            allocate(budget, true, d, &mut holds, now + Duration::from_secs(2))
         };
         let mut share = cam(Some(2));
         share.rank = 0;
@@ -387,6 +409,27 @@ mod tests {
         assert_eq!(
             run(10_000_000, &[small, single], now),
             vec![Some(0), Some(0)]
+        );
+    }
+
+    #[test]
+    fn without_congestion_a_low_estimate_neither_cuts_nor_stops_a_raise() {
+        let t0 = Instant::now();
+        let mut holds = vec![Hold::default()];
+        // The estimate only tracks the 150 kbit/s sent: keep, and raise a step.
+        assert_eq!(
+            allocate(200_000, false, &[cam(Some(2))], &mut holds, t0),
+            vec![Some(2)]
+        );
+        assert_eq!(
+            allocate(200_000, false, &[cam(Some(0))], &mut holds, t0),
+            vec![Some(1)]
+        );
+        // A paused track resumes only within the estimate.
+        let mut holds = vec![Hold::default()];
+        assert_eq!(
+            allocate(100_000, false, &[cam(None)], &mut holds, t0),
+            vec![None]
         );
     }
 }

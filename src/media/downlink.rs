@@ -21,6 +21,15 @@ use crate::metrics::MediaCounters;
 /// header and extensions, SRTP tag, UDP and IP.
 pub const WIRE_OVERHEAD: u64 = 60;
 
+/// Per allocation pass (500 ms), what the remembered peak estimate keeps.
+const PEAK_FADE: f64 = 0.97;
+/// An estimate this far below its recent peak means congestion...
+const CONGESTION_DROP: f64 = 0.85;
+/// ...for this long.
+const CONGESTION_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+/// Share of the estimate media may use while congested.
+const CONGESTED_SHARE: f64 = 0.85;
+
 /// A new estimate or str0m target differing less than this is no news.
 const CHANGE: f64 = 0.05;
 
@@ -52,6 +61,8 @@ impl Core {
         p.downlink.twcc = Some(initial.as_u64());
         p.downlink.remb = None;
         p.downlink.bitrate_set = (0, 0);
+        p.downlink.peak = 0;
+        p.downlink.congested_until = None;
         for (_, s) in p.subs.iter_mut() {
             s.hold = allocate::Hold::default();
         }
@@ -170,8 +181,22 @@ impl Core {
             }
         }
         let budget = estimate.saturating_sub(audio);
+        // Congestion: the estimate fell below 85 % of its recent peak (the
+        // peak fades by half in about 11 s); it counts for 5 s.
+        let dl = &mut p.downlink;
+        dl.peak = estimate.max((dl.peak as f64 * PEAK_FADE) as u64);
+        if (estimate as f64) < dl.peak as f64 * CONGESTION_DROP {
+            dl.congested_until = Some(now + CONGESTION_HOLD);
+        }
+        let congested = dl.congested_until.is_some_and(|t| now < t);
+        // Congested, what flows must also leave the link room to drain.
+        let budget = if congested {
+            ((estimate as f64 * CONGESTED_SHARE) as u64).saturating_sub(audio)
+        } else {
+            budget
+        };
         let mut holds: Vec<_> = subs.iter().map(|&sk| p.subs[sk].hold.clone()).collect();
-        let out = allocate::allocate(budget, &demands, &mut holds, now);
+        let out = allocate::allocate(budget, congested, &demands, &mut holds, now);
 
         if out.iter().zip(&demands).any(|(o, d)| *o != d.current) {
             tracing::debug!(
@@ -179,6 +204,7 @@ impl Core {
                 estimate,
                 audio,
                 budget,
+                congested,
                 was = ?demands.iter().map(|d| d.current).collect::<Vec<_>>(),
                 now = ?out,
                 costs = ?demands.iter().map(|d| d.cost).collect::<Vec<_>>(),

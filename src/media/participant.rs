@@ -91,6 +91,10 @@ pub struct Downlink {
     pub bitrate_set: (u64, u64),
     /// ICE lost its path; the estimate is started afresh when it is back.
     pub path_lost: bool,
+    /// The recent peak of the estimate, and until when the link counts as
+    /// congested (see `downlink.rs`).
+    pub peak: u64,
+    pub congested_until: Option<Instant>,
 }
 
 impl Downlink {
