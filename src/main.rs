@@ -49,6 +49,9 @@ enum Cmd {
         /// No ICE over TCP (`[rtc] ice_tcp = false`).
         #[arg(long)]
         no_ice_tcp: bool,
+        /// Downlink bandwidth estimation on (`[rtc] downlink_bwe = true`).
+        #[arg(long, conflicts_with = "no_downlink_bwe")]
+        downlink_bwe: bool,
         /// No downlink bandwidth estimation (`[rtc] downlink_bwe = false`).
         #[arg(long)]
         no_downlink_bwe: bool,
@@ -140,6 +143,7 @@ fn main() -> anyhow::Result<()> {
             udp_port,
             tcp_port,
             no_ice_tcp,
+            downlink_bwe,
             no_downlink_bwe,
             workers,
             node_ips,
@@ -161,6 +165,9 @@ fn main() -> anyhow::Result<()> {
             }
             if no_ice_tcp {
                 config.rtc.ice_tcp = false;
+            }
+            if downlink_bwe {
+                config.rtc.downlink_bwe = true;
             }
             if no_downlink_bwe {
                 config.rtc.downlink_bwe = false;

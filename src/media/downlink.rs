@@ -258,40 +258,17 @@ impl Core {
                 .map(|d| d.cost[d.wanted.min(d.layers.saturating_sub(1) as Layer) as usize])
                 .sum::<u64>();
         let desired = (wanted as f64 * allocate::RAISE_MARGIN) as u64;
-        // Receiving video below what it wants: have str0m pad up to what the
-        // next step would send (capped by the estimate, stopped on overuse).
-        // An estimate only ever sees what is sent, and without this it
-        // settles just above the current rate, where any dip cuts a layer
-        // and no raise ever fits. Not while all video is paused: padding is
-        // resent video, which would only crowd a link too weak for any.
-        let sending = audio
-            + demands
-                .iter()
-                .zip(&out)
-                .map(|(d, o)| o.map_or(0, |l| d.cost[l as usize]))
-                .sum::<u64>();
-        let next_step = demands
-            .iter()
-            .zip(&out)
-            .filter_map(|(d, o)| match o {
-                Some(l) if *l < d.cap() => Some(d.cost[*l as usize + 1] - d.cost[*l as usize]),
-                _ => None,
-            })
-            .min();
-        let minimum = next_step
-            .map_or(0, |s| {
-                ((sending + s) as f64 * allocate::RAISE_MARGIN) as u64
-            })
-            .min(desired);
+        // No padding target beyond str0m's own floor: a flowing track rises
+        // without the estimate's leave (see `allocate`), and padding up to
+        // the next step kept a weak link full and its video stuttering.
         let dl = &mut p.downlink;
-        let (last_min, last) = dl.bitrate_set;
-        let moved = |a: u64, b: u64| (a as f64 - b as f64).abs() > b as f64 * CHANGE;
-        if moved(desired, last) || moved(minimum, last_min) || (minimum == 0) != (last_min == 0) {
-            dl.bitrate_set = (minimum, desired);
+        let (_, last) = dl.bitrate_set;
+        if (desired as f64 - last as f64).abs() > last as f64 * CHANGE {
+            dl.bitrate_set = (0, desired);
             p.send_peer()
                 .rtc
                 .bwe()
-                .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired));
+                .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
         }
         let room_key = p.room;
         if let Some(r) = rooms.get_mut(room_key) {

@@ -20,7 +20,7 @@ import { lab, startLabServer } from './netlab.mjs';
 const L = lab();
 const env = { server: null, open: null, shaped: null };
 before(async () => {
-  env.server = await startLabServer(L);
+  env.server = await startLabServer(L, ['--downlink-bwe']);
   env.shaped = await launchBrowser(env.server);
   env.open = await launchBrowser(env.server, { netns: L.nsProxy });
 });

@@ -65,13 +65,13 @@ def lab() -> Lab:
     return Lab(*(os.environ[n] for n in names))
 
 
-def start_lab_server(log_dir: Path, the_lab: Lab) -> MoselleServer:
+def start_lab_server(log_dir: Path, the_lab: Lab, args: tuple[str, ...] = ()) -> MoselleServer:
     """`moselle serve --dev` in the server namespace, bound to the server's address, on
     HTTP_PORT, UDP_PORT and ICE-TCP on ICE_TCP_PORT; healthy when this returns.
     MOSELLE_LAB_SERVER_ARGS adds arguments (e.g. `--no-ice-tcp` to watch the TCP-only
     cases fail)."""
     os.environ.setdefault("NO_COLOR", "1")  # plain server log lines in failure messages
-    extra = ["--tcp-port", str(ICE_TCP_PORT), *shlex.split(os.environ.get("MOSELLE_LAB_SERVER_ARGS", ""))]
+    extra = ["--tcp-port", str(ICE_TCP_PORT), *args, *shlex.split(os.environ.get("MOSELLE_LAB_SERVER_ARGS", ""))]
     return start_moselle(log_dir, extra, host=the_lab.server_ip, ports=(HTTP_PORT, UDP_PORT),
                          netns=the_lab.ns_server)
 
