@@ -60,7 +60,7 @@ impl Core {
         tracing::debug!(participant = %p.sid, "downlink estimate restarted");
         p.downlink.twcc = Some(initial.as_u64());
         p.downlink.remb = None;
-        p.downlink.bitrate_set = (0, 0);
+        p.downlink.desired_set = 0;
         p.downlink.peak = 0;
         p.downlink.congested_until = None;
         for (_, s) in p.subs.iter_mut() {
@@ -262,9 +262,9 @@ impl Core {
         // without the estimate's leave (see `allocate`), and padding up to
         // the next step kept a weak link full and its video stuttering.
         let dl = &mut p.downlink;
-        let (_, last) = dl.bitrate_set;
+        let last = dl.desired_set;
         if (desired as f64 - last as f64).abs() > last as f64 * CHANGE {
-            dl.bitrate_set = (0, desired);
+            dl.desired_set = desired;
             p.send_peer()
                 .rtc
                 .bwe()

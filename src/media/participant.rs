@@ -87,8 +87,8 @@ pub struct Downlink {
     pub twcc: Option<u64>,
     /// Its receiver's own estimate (REMB), for clients without TWCC.
     pub remb: Option<u64>,
-    /// (minimum, desired) last given to str0m's estimator.
-    pub bitrate_set: (u64, u64),
+    /// The desired rate last given to str0m's estimator.
+    pub desired_set: u64,
     /// ICE lost its path; the estimate is started afresh when it is back.
     pub path_lost: bool,
     /// The recent peak of the estimate, and until when the link counts as
