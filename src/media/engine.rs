@@ -775,14 +775,16 @@ impl Core {
                         Some(s) => &mut s.peer,
                         None => &mut *peer,
                     };
+                    // The pacer holds what the link could not carry yet; past
+                    // MAX_BACKLOG the picture would only lag further behind:
+                    // drop, and start again at a keyframe.
+                    let paced = send_peer.paced;
                     let mut api = send_peer.rtc.direct_api();
                     let Some(stx) = api.stream_tx_by_mid(mid, None) else {
                         continue;
                     };
-                    // The pacer holds what the link could not carry yet; past
-                    // MAX_BACKLOG the picture would only lag further behind:
-                    // drop, and start again at a keyframe.
-                    if sub.kind == Kind::Video
+                    if paced
+                        && sub.kind == Kind::Video
                         && stx
                             .queue_info()
                             .and_then(|q| q.first_unsent())
