@@ -249,6 +249,32 @@ fn check_delay(
     }
 }
 
+/// The MatrixRTC fields `/get_token` and `/delegate_delayed_leave` share:
+/// a room, a slot, and a member with its id and claimed user and device.
+fn slot_member<'a>(
+    svc: &TokenService,
+    room_id: &str,
+    slot_id: &str,
+    member: Option<&'a Member>,
+) -> Result<&'a Member, Refuse> {
+    if room_id.is_empty() || slot_id.is_empty() {
+        return Err(bad_json(
+            svc,
+            "The request body is missing `room_id` or `slot_id`",
+        ));
+    }
+    member
+        .filter(|m| {
+            !m.id.is_empty() && !m.claimed_user_id.is_empty() && !m.claimed_device_id.is_empty()
+        })
+        .ok_or_else(|| {
+            bad_json(
+                svc,
+                "The request body `member` is missing a `id`, `claimed_user_id` or `claimed_device_id`",
+            )
+        })
+}
+
 async fn get_token(
     State(svc): State<Arc<TokenService>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -257,21 +283,7 @@ async fn get_token(
     let svc = &*svc;
     limit_address(svc, peer)?;
     let req: GetToken = parse(svc, &body)?;
-    if req.room_id.is_empty() || req.slot_id.is_empty() {
-        return Err(bad_json(
-            svc,
-            "The request body is missing `room_id` or `slot_id`",
-        ));
-    }
-    let member = req.member.as_ref().filter(|m| {
-        !m.id.is_empty() && !m.claimed_user_id.is_empty() && !m.claimed_device_id.is_empty()
-    });
-    let Some(member) = member else {
-        return Err(bad_json(
-            svc,
-            "The request body `member` is missing a `id`, `claimed_user_id` or `claimed_device_id`",
-        ));
-    };
+    let member = slot_member(svc, &req.room_id, &req.slot_id, req.member.as_ref())?;
     let openid = openid_of(svc, &req.openid_token)?;
     let delay = check_delay(svc, &req.delay_id, &req.delay_timeout)?;
     let user = verify(svc, openid).await?;
@@ -335,21 +347,7 @@ async fn delegate_delayed_leave(
     let svc = &*svc;
     limit_address(svc, peer)?;
     let req: DelegateLeave = parse(svc, &body)?;
-    if req.room_id.is_empty() || req.slot_id.is_empty() {
-        return Err(bad_json(
-            svc,
-            "The request body is missing `room_id` or `slot_id`",
-        ));
-    }
-    let member = req.member.as_ref().filter(|m| {
-        !m.id.is_empty() && !m.claimed_user_id.is_empty() && !m.claimed_device_id.is_empty()
-    });
-    let Some(member) = member else {
-        return Err(bad_json(
-            svc,
-            "The request body `member` is missing `id`, `claimed_user_id` or `claimed_device_id`",
-        ));
-    };
+    let member = slot_member(svc, &req.room_id, &req.slot_id, req.member.as_ref())?;
     let openid = openid_of(svc, &req.openid_token)?;
     let Some(delay) = check_delay(svc, &req.delay_id, &req.delay_timeout)? else {
         return Err(bad_json(

@@ -73,7 +73,7 @@ impl Core {
     }
 
     /// Turn each track's byte counts since the last look into rates.
-    pub(super) fn measure_layers(&mut self, _now: Instant) {
+    pub(super) fn measure_layers(&mut self) {
         let secs = HOUSEKEEPING.as_secs_f64();
         for (_, room) in self.rooms.iter_mut() {
             for (_, t) in room.tracks.iter_mut() {

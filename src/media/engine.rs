@@ -1608,7 +1608,7 @@ impl Core {
             }
         }
         self.layer_availability(now);
-        self.measure_layers(now);
+        self.measure_layers();
         self.allocate_downlinks(now);
         self.dynacast(now);
         if now >= self.next_quality {
