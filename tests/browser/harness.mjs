@@ -57,7 +57,20 @@ function freePort() {
  * ({ http, udp }; this namespace cannot probe the server's for free ones, so
  * give `--tcp-port` too) and `netns` to run it in with `ip netns exec`.
  */
-export async function startServer(extraArgs = [], { host = HOST, ports = null, netns = null } = {}) {
+export async function startServer(extraArgs = [], opts = {}) {
+  // Free ports are probed, released, then bound by the child: another process
+  // can take one in between. Only that case is retried, on new ports.
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await startServerOnce(extraArgs, opts);
+    } catch (e) {
+      if (opts.ports || attempt >= 2 || !/in use/i.test(String(e.message))) throw e;
+      console.error('[moselle] a port was taken before it bound; retrying');
+    }
+  }
+}
+
+async function startServerOnce(extraArgs, { host = HOST, ports = null, netns = null }) {
   const bin = process.env.MOSELLE_BIN || join(repo, 'target', 'debug', 'moselle');
   const httpPort = ports ? ports.http : await freePort();
   const udpPort = ports ? ports.udp : await freePort();

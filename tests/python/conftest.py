@@ -87,6 +87,14 @@ class MoselleServer:
             return f"<cannot read server log {self.log_path}: {e}>"
         return "\n".join(lines[-n:])
 
+    def log_head(self, n: int = LOG_TAIL_LINES) -> str:
+        """A failed start puts its error first, before any backtrace."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError as e:
+            return f"<cannot read server log {self.log_path}: {e}>"
+        return "\n".join(lines[:n])
+
     def assert_alive(self) -> None:
         rc = self.proc.poll()
         if rc is not None:
@@ -153,35 +161,16 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def start_moselle(
-    log_dir: Path,
-    extra_args: list[str] = (),
-    *,
-    host: str = HOST,
-    ports: tuple[int, int] | None = None,
-    netns: str | None = None,
-) -> MoselleServer:
-    """Start `moselle serve --dev` on free ports (plus `extra_args`, e.g.
-    `--config FILE`) and wait until it is healthy; fails the test if not.
-    `host`, `ports` (http, udp) and `netns` (run it there with `ip netns exec`:
-    tests/netlab.sh's server namespace, whose free ports this process cannot
-    probe, hence fixed `ports`) are for the network lab."""
-    bin_path = os.environ.get("MOSELLE_BIN", DEFAULT_BIN)
-    if not (os.path.isfile(bin_path) and os.access(bin_path, os.X_OK)):
-        pytest.fail(
-            f"moselle binary not found or not executable: {bin_path!r} "
-            f"(build it with `cargo build`, or set MOSELLE_BIN)",
-            pytrace=False,
-        )
-
+def _spawn_moselle(bin_path, log_dir, extra_args, host, ports, netns):
     log_path = log_dir / "server.log"
     http_port, udp_port = ports or _pick_ports()
-    extra_args = list(extra_args)
     if "--tcp-port" in extra_args:
         tcp_port = int(extra_args[extra_args.index("--tcp-port") + 1])
     else:
         # ICE over TCP listens too; a free port keeps servers side by side apart.
-        tcp_port = _free_port(socket.SOCK_STREAM) if not netns else http_port + 1
+        tcp_port = http_port + 1 if netns else _free_port(socket.SOCK_STREAM)
+        while tcp_port == http_port:
+            tcp_port = _free_port(socket.SOCK_STREAM)
         extra_args += ["--tcp-port", str(tcp_port)]
     cmd = [
         bin_path, "serve", "--dev", "--bind", host,
@@ -209,12 +198,44 @@ def start_moselle(
         start_error = str(e)
     if start_error is not None:
         _stop(proc)
+    return server, start_error
+
+
+def start_moselle(
+    log_dir: Path,
+    extra_args: list[str] = (),
+    *,
+    host: str = HOST,
+    ports: tuple[int, int] | None = None,
+    netns: str | None = None,
+) -> MoselleServer:
+    """Start `moselle serve --dev` on free ports (plus `extra_args`, e.g.
+    `--config FILE`) and wait until it is healthy; fails the test if not.
+    `host`, `ports` (http, udp) and `netns` (run it there with `ip netns exec`:
+    tests/netlab.sh's server namespace, whose free ports this process cannot
+    probe, hence fixed `ports`) are for the network lab."""
+    bin_path = os.environ.get("MOSELLE_BIN", DEFAULT_BIN)
+    if not (os.path.isfile(bin_path) and os.access(bin_path, os.X_OK)):
         pytest.fail(
-            f"moselle did not start: {start_error}\ncommand: {' '.join(cmd)}\n"
-            f"log {log_path} tail:\n{server.log_tail() or '<empty>'}",
+            f"moselle binary not found or not executable: {bin_path!r} "
+            f"(build it with `cargo build`, or set MOSELLE_BIN)",
             pytrace=False,
         )
-    sys.stderr.write(f"\n[moselle] {' '.join(cmd)} (pid {proc.pid}), log: {log_path}\n")
+    # Free ports are probed, then released, then bound by the child: another
+    # process can take one in between. Only that case is retried, with new ports.
+    for attempt in range(3):
+        server, start_error = _spawn_moselle(bin_path, log_dir, list(extra_args), host, ports, netns)
+        if start_error is None:
+            break
+        if ports is None and attempt < 2 and "in use" in server.log_path.read_text(errors="replace").lower():
+            sys.stderr.write("\n[moselle] a port was taken before it bound; retrying\n")
+            continue
+        pytest.fail(
+            f"moselle did not start: {start_error}\ncommand: {' '.join(server.cmd)}\n"
+            f"log {server.log_path} head:\n{server.log_head() or '<empty>'}",
+            pytrace=False,
+        )
+    sys.stderr.write(f"\n[moselle] {' '.join(server.cmd)} (pid {server.proc.pid}), log: {server.log_path}\n")
     return server
 
 
