@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The default config, compiled in so `moselle serve` needs no file.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/moselle.toml");
@@ -13,12 +13,15 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../config/moselle.toml");
 pub const DEV_KEY: &str = "devkey";
 pub const DEV_SECRET: &str = "secret";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub keys: HashMap<String, String>,
+    /// More keys from a file of `key: secret` lines (LiveKit's `key_file`).
+    #[serde(default)]
+    pub keys_file: Option<std::path::PathBuf>,
     pub room: RoomConfig,
     pub rtc: RtcConfig,
     pub log: LogConfig,
@@ -28,10 +31,13 @@ pub struct Config {
     /// TURN servers handed to clients (`[[turn]]`); none by default.
     #[serde(default)]
     pub turn: Vec<crate::transport::turn::TurnConfig>,
+    /// `--dev`: short secrets allowed. Not a config key.
+    #[serde(skip)]
+    pub dev: bool,
 }
 
 /// Many nodes, and where rooms may be placed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Empty: this node alone, no external service.
@@ -46,7 +52,7 @@ pub struct ClusterConfig {
 }
 
 /// The MatrixRTC token service (MSC4195).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatrixConfig {
     pub enabled: bool,
@@ -64,12 +70,15 @@ pub struct MatrixConfig {
     pub membership: MembershipConfig,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MembershipConfig {
     pub method: crate::matrix::homeserver::MembershipMethod,
     pub homeserver_url: String,
     pub access_token: String,
+    /// The access token read from a file instead.
+    #[serde(default)]
+    pub access_token_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for MembershipConfig {
@@ -82,7 +91,7 @@ impl std::fmt::Debug for MembershipConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallPageConfig {
     pub enabled: bool,
@@ -90,7 +99,7 @@ pub struct CallPageConfig {
     pub token_ttl_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub bind: IpAddr,
@@ -107,7 +116,7 @@ pub struct ServerConfig {
     pub capacity: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomConfig {
     pub auto_create: bool,
@@ -117,7 +126,7 @@ pub struct RoomConfig {
     pub resume_window_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RtcConfig {
     pub pli_throttle_ms: u64,
@@ -170,14 +179,14 @@ impl RtcConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -196,6 +205,12 @@ pub enum ConfigError {
         origin: String,
         source: Box<toml::de::Error>,
     },
+    #[error("invalid config {origin}: {path}: {message}")]
+    Field {
+        origin: String,
+        path: String,
+        message: String,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
 }
@@ -205,40 +220,72 @@ impl Config {
         Self::parse(EMBEDDED_DEFAULT, "(embedded default)")
     }
 
+    /// A file over the embedded default: it states only what differs.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::layered(&text, &path.display().to_string())
     }
 
+    /// `text` over the embedded default, field by field: tables merge,
+    /// anything else (numbers, strings, arrays) replaces. A key the default
+    /// does not know is refused by its full path.
+    pub fn layered(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut base = table(EMBEDDED_DEFAULT, "(embedded default)")?;
+        overlay(&mut base, table(text, origin)?);
+        Self::from_table(base, origin)
+    }
+
+    /// One whole config, nothing filled in from the default.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Self::from_table(table(text, origin)?, origin)
+    }
+
+    fn from_table(t: toml::Table, origin: &str) -> Result<Config, ConfigError> {
+        serde_path_to_error::deserialize(t).map_err(|e| ConfigError::Field {
             origin: origin.to_string(),
-            source: Box::new(e),
+            path: e.path().to_string(),
+            message: e.into_inner().to_string(),
         })
     }
 
-    /// Checks that need the whole config, after CLI overrides.
+    /// Every problem, as one error (see [`Config::problems`]).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.keys.is_empty() {
-            return Err(ConfigError::Invalid(
-                "no API keys: add a [keys] table (key = \"secret\") or run with --dev".into(),
-            ));
+        match self.problems().as_slice() {
+            [] => Ok(()),
+            ps => Err(ConfigError::Invalid(ps.join("; "))),
         }
-        for (k, s) in &self.keys {
+    }
+
+    /// Checks that need the whole config, after CLI overrides and secrets
+    /// are in: each problem found, in words for the operator.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        macro_rules! problem {
+            ($($t:tt)*) => { out.push(format!($($t)*)) };
+        }
+        if self.keys.is_empty() {
+            problem!("no API keys: add a [keys] table (key = \"secret\") or run with --dev");
+        }
+        let mut keys: Vec<_> = self.keys.iter().collect();
+        keys.sort();
+        for (k, s) in keys {
             if k.is_empty() || s.is_empty() {
-                return Err(ConfigError::Invalid(
-                    "API keys and secrets must not be empty".into(),
-                ));
+                problem!("API keys and secrets must not be empty");
+            } else if s.chars().count() < MIN_SECRET_CHARS && !self.dev {
+                problem!(
+                    "the secret of API key {k:?} is shorter than {MIN_SECRET_CHARS} characters: \
+                     anyone could guess it and mint tokens (allowed only with --dev)"
+                );
             }
         }
         let j = &self.server.jurisdiction;
         if j.len() != 2 || !j.chars().all(|c| c.is_ascii_uppercase()) {
-            return Err(ConfigError::Invalid(format!(
+            problem!(
                 "server.jurisdiction must be an ISO 3166-1 alpha-2 code like \"LU\", got {j:?}"
-            )));
+            );
         }
         for j in self
             .cluster
@@ -247,20 +294,21 @@ impl Config {
             .chain(self.cluster.homeserver_jurisdictions.values().flatten())
         {
             if j.len() != 2 || !j.chars().all(|c| c.is_ascii_uppercase()) {
-                return Err(ConfigError::Invalid(format!(
+                problem!(
                     "cluster jurisdictions are ISO 3166-1 alpha-2 codes like \"LU\", got {j:?}"
-                )));
+                );
             }
         }
         if !self.cluster.redis_url.is_empty()
             && self.cluster.node_ttl_secs <= self.cluster.heartbeat_secs
         {
-            return Err(ConfigError::Invalid(
-                "cluster.node_ttl_secs must exceed cluster.heartbeat_secs".into(),
-            ));
+            problem!("cluster.node_ttl_secs must exceed cluster.heartbeat_secs");
         }
-        crate::transport::turn::check(&self.turn, &self.cluster.allowed_jurisdictions)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Err(e) =
+            crate::transport::turn::check(&self.turn, &self.cluster.allowed_jurisdictions)
+        {
+            problem!("{e}");
+        }
         let r = &self.rtc;
         if r.ice_tcp
             && (r.tcp_max_connections == 0
@@ -268,33 +316,131 @@ impl Config {
                 || r.tcp_first_stun_timeout_ms == 0
                 || r.tcp_idle_timeout_secs == 0)
         {
-            return Err(ConfigError::Invalid(
+            problem!(
                 "rtc.tcp_max_connections, tcp_max_connections_per_address, \
                  tcp_first_stun_timeout_ms and tcp_idle_timeout_secs must be positive"
-                    .into(),
-            ));
+            );
         }
         let m = &self.matrix;
         if m.enabled {
             if m.membership.homeserver_url.is_empty() || m.membership.access_token.is_empty() {
-                return Err(ConfigError::Invalid(
-                    "matrix.enabled needs [matrix.membership] homeserver_url and access_token: \
+                problem!(
+                    "matrix.enabled needs [matrix.membership] homeserver_url and access_token \
+                     (or access_token_file): \
                      the token service never issues a token it cannot check"
+                );
+            }
+            if m.token_ttl_secs == 0 || m.token_ttl_secs > 3600 {
+                problem!("matrix.token_ttl_secs must be 1..=3600");
+            }
+            if m.livekit_url.is_empty() {
+                problem!("matrix.livekit_url is required");
+            }
+        }
+        out
+    }
+
+    /// The effective config as TOML, every secret masked.
+    pub fn masked_toml(&self) -> Result<String, ConfigError> {
+        let ser = |e: toml::ser::Error| ConfigError::Invalid(format!("cannot print: {e}"));
+        let mut t = toml::Table::try_from(self).map_err(ser)?;
+        let mask = |v: &mut toml::Value| {
+            if v.as_str().is_some_and(|s| !s.is_empty()) {
+                *v = toml::Value::String("********".into());
+            }
+        };
+        if let Some(keys) = t.get_mut("keys").and_then(|k| k.as_table_mut()) {
+            keys.iter_mut().for_each(|(_, v)| mask(v));
+        }
+        if let Some(v) = t
+            .get_mut("matrix")
+            .and_then(|m| m.get_mut("membership"))
+            .and_then(|m| m.get_mut("access_token"))
+        {
+            mask(v);
+        }
+        toml::to_string(&t).map_err(ser)
+    }
+
+    /// Secrets kept out of the file: `keys_file`, the `LIVEKIT_KEYS`
+    /// environment variable (`key: secret`, comma or newline separated, as
+    /// LiveKit reads it), and `matrix.membership.access_token_file`.
+    pub fn load_secrets(
+        &mut self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        if let Some(p) = &self.keys_file {
+            let text = read(p)?;
+            let origin = format!("keys_file {}", p.display());
+            self.keys.extend(parse_keys(&text, &origin)?);
+        }
+        if let Some(text) = env("LIVEKIT_KEYS").filter(|t| !t.trim().is_empty()) {
+            self.keys.extend(parse_keys(&text, "LIVEKIT_KEYS")?);
+        }
+        let m = &mut self.matrix.membership;
+        if let Some(p) = &m.access_token_file {
+            if !m.access_token.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "matrix.membership: access_token and access_token_file both set; keep one"
                         .into(),
                 ));
             }
-            if m.token_ttl_secs == 0 || m.token_ttl_secs > 3600 {
-                return Err(ConfigError::Invalid(
-                    "matrix.token_ttl_secs must be 1..=3600".into(),
-                ));
-            }
-            if m.livekit_url.is_empty() {
-                return Err(ConfigError::Invalid(
-                    "matrix.livekit_url is required".into(),
-                ));
-            }
+            m.access_token = read(p)?.trim().to_string();
         }
         Ok(())
+    }
+}
+
+/// Shorter API secrets are refused outside `--dev`: the secret signs every
+/// token, and LiveKit's own tools generate 43 or more characters.
+pub const MIN_SECRET_CHARS: usize = 32;
+
+/// `key: secret` pairs, one per line or comma-separated; `#` starts a comment.
+fn parse_keys(text: &str, origin: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    let uncommented = text.lines().map(|l| l.split('#').next().unwrap_or(""));
+    for item in uncommented.flat_map(|l| l.split(',')) {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let Some((k, v)) = item.split_once(':') else {
+            return Err(ConfigError::Invalid(format!(
+                "{origin}: expected `key: secret` pairs, got an entry without ':'"
+            )));
+        };
+        let (k, v) = (k.trim(), v.trim().trim_matches('"'));
+        if k.is_empty() || v.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{origin}: an empty key or secret"
+            )));
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+fn table(text: &str, origin: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        origin: origin.to_string(),
+        source: Box::new(e),
+    })
+}
+
+fn overlay(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => overlay(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
     }
 }
 
@@ -321,8 +467,29 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_rejected() {
+    fn unknown_fields_are_rejected_by_their_full_path() {
         let text = EMBEDDED_DEFAULT.replace("[rtc]", "[rtc]\nbogus = 1");
         assert!(Config::parse(&text, "t").is_err());
+        let e = Config::layered("[matrix.membership]\nmethd = \"admin_api\"", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("matrix.membership.methd"), "{e}");
+    }
+
+    #[test]
+    fn a_file_states_only_what_differs() {
+        let c = Config::layered(
+            "[server]\nnode_id = \"lu-2\"\n[cluster]\nallowed_jurisdictions = [\"LU\", \"BE\"]",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(c.server.node_id, "lu-2");
+        assert_eq!(c.server.http_port, 7880, "the rest from the default");
+        assert_eq!(
+            c.cluster.allowed_jurisdictions,
+            ["LU", "BE"],
+            "arrays replace"
+        );
+        assert!(c.matrix.denied_homeservers.is_empty());
     }
 }

@@ -65,6 +65,16 @@ enum Cmd {
         #[arg(long)]
         log_json: bool,
     },
+    /// Check a config file: print the effective config (the file over the
+    /// embedded default, secrets masked) and every problem found; exits
+    /// non-zero on any.
+    CheckConfig {
+        /// The file; without it, the embedded default.
+        file: Option<PathBuf>,
+        /// Check as `serve --dev` would run it (short secrets allowed).
+        #[arg(long)]
+        dev: bool,
+    },
     /// Mint an access token for testing.
     Token {
         #[command(flatten)]
@@ -112,11 +122,34 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
         Some(p) => Config::load(p)?,
         None => Config::embedded()?,
     };
+    cfg.load_secrets(|k| std::env::var(k).ok())?;
     if args.dev {
+        cfg.dev = true;
         cfg.keys.insert(DEV_KEY.into(), DEV_SECRET.into());
         cfg.call_page.enabled = true;
     }
     Ok(cfg)
+}
+
+/// `moselle check-config`: what would run, and what is wrong with it.
+fn check_config(file: Option<PathBuf>, dev: bool) -> anyhow::Result<()> {
+    let cfg = match load(&ConfigArgs { config: file, dev }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("problem: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    print!("{}", cfg.masked_toml()?);
+    let problems = cfg.problems();
+    for p in &problems {
+        eprintln!("problem: {p}");
+    }
+    if !problems.is_empty() {
+        std::process::exit(1);
+    }
+    eprintln!("config ok");
+    Ok(())
 }
 
 fn init_logs(cfg: &Config, json: bool) {
@@ -136,6 +169,7 @@ fn init_logs(cfg: &Config, json: bool) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Cmd::CheckConfig { file, dev } => check_config(file, dev),
         Cmd::Serve {
             cfg,
             bind,

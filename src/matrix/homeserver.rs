@@ -211,7 +211,7 @@ impl Homeservers {
 }
 
 /// How room membership is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MembershipMethod {
     /// Synapse admin API with an admin's access token.

@@ -42,6 +42,7 @@ pub async fn start_with(adjust: impl FnOnce(&mut moselle::config::Config)) -> Se
     let mut cfg = moselle::config::Config::embedded().unwrap();
     adjust(&mut cfg);
     cfg.keys.insert(KEY.into(), SECRET.into());
+    cfg.dev = true; // the short dev secret
     cfg.server.bind = "127.0.0.1".parse().unwrap();
     cfg.server.http_port = 0;
     cfg.server.udp_port = 0;

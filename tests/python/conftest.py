@@ -28,7 +28,7 @@ import pytest
 
 from moselle_helpers import API_KEY, API_SECRET, make_token
 
-DEFAULT_BIN = "/work/main/target/debug/moselle"
+DEFAULT_BIN = str(Path(__file__).resolve().parents[2] / "target" / "debug" / "moselle")
 # libwebrtc gathers no candidates on loopback, so run.sh gives the namespace
 # one non-loopback address and both sides use it.
 HOST = os.environ.get("MOSELLE_TEST_IP", "127.0.0.1")
@@ -161,7 +161,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def _spawn_moselle(bin_path, log_dir, extra_args, host, ports, netns):
+def _spawn_moselle(bin_path, log_dir, extra_args, host, ports, netns, dev, env_extra):
     log_path = log_dir / "server.log"
     http_port, udp_port = ports or _pick_ports()
     if "--tcp-port" in extra_args:
@@ -173,13 +173,14 @@ def _spawn_moselle(bin_path, log_dir, extra_args, host, ports, netns):
             tcp_port = _free_port(socket.SOCK_STREAM)
         extra_args += ["--tcp-port", str(tcp_port)]
     cmd = [
-        bin_path, "serve", "--dev", "--bind", host,
+        bin_path, "serve", *(["--dev"] if dev else []), "--bind", host,
         "--http-port", str(http_port), "--udp-port", str(udp_port), *extra_args,
     ]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]  # ip execs moselle: proc.pid is the server's
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "1")
+    env.update(env_extra or {})
     log_file = open(log_path, "wb")
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -208,9 +209,12 @@ def start_moselle(
     host: str = HOST,
     ports: tuple[int, int] | None = None,
     netns: str | None = None,
+    dev: bool = True,
+    env: dict[str, str] | None = None,
 ) -> MoselleServer:
     """Start `moselle serve --dev` on free ports (plus `extra_args`, e.g.
     `--config FILE`) and wait until it is healthy; fails the test if not.
+    `dev=False` runs it as in production (its keys from the config or `env`).
     `host`, `ports` (http, udp) and `netns` (run it there with `ip netns exec`:
     tests/netlab.sh's server namespace, whose free ports this process cannot
     probe, hence fixed `ports`) are for the network lab."""
@@ -224,7 +228,9 @@ def start_moselle(
     # Free ports are probed, then released, then bound by the child: another
     # process can take one in between. Only that case is retried, with new ports.
     for attempt in range(3):
-        server, start_error = _spawn_moselle(bin_path, log_dir, list(extra_args), host, ports, netns)
+        server, start_error = _spawn_moselle(
+            bin_path, log_dir, list(extra_args), host, ports, netns, dev, env
+        )
         if start_error is None:
             break
         if ports is None and attempt < 2 and "in use" in server.log_path.read_text(errors="replace").lower():
