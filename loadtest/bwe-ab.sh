@@ -7,7 +7,7 @@ for round in 1 2 3; do
   for mode in on off; do
     for sc in meeting livestream; do
       size=16; [ $sc = livestream ] && size=50
-      extra=(); [ $mode = on ] && extra=(--server-arg=--downlink-bwe)
+      extra=(--server-arg=--no-downlink-bwe); [ $mode = on ] && extra=(--server-arg=--downlink-bwe)
       out=/tmp/lt/$sc-$mode-$round
       mkdir -p $out
       target/release/loadtest --scenario $sc --sizes $size --warmup 3 --window 10 --no-baseline --quiet --out $out "${extra[@]}" > $out/stdout 2>&1

@@ -29,7 +29,6 @@ pub struct MediaCounters {
     pub bwe_downgrades: AtomicU64,
     pub bwe_pauses: AtomicU64,
     pub bwe_paused_tracks: AtomicU64,
-    pub backlog_drops: AtomicU64,
     /// Per open room: (video tracks paused for bandwidth now, downgrades
     /// for bandwidth so far). Written by the workers' housekeeping.
     pub room_bandwidth: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
@@ -207,12 +206,6 @@ impl MediaCounters {
                 "gauge",
                 "Subscribed video tracks paused for bandwidth now",
                 g(&self.bwe_paused_tracks),
-            ),
-            (
-                "pacer_backlog_drops_total",
-                "counter",
-                "Video packets not sent because a subscriber's pacer queue held more than 500 ms (its video restarts at a keyframe)",
-                g(&self.backlog_drops),
             ),
             (
                 "sdp_errors_total",

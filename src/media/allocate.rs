@@ -166,18 +166,29 @@ fn fill(
     out
 }
 
+/// What the downlink's signals allow in one pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Link {
+    /// Congested now: current layers that do not fit the budget are cut.
+    pub congested: bool,
+    /// Congested lately: raises of flowing tracks must fit the budget too.
+    /// Otherwise the estimate only tracks what is sent (a send-side estimate
+    /// cannot see capacity nothing used): it stops no raise, and a raise
+    /// that does not fit shows as congestion and is cut.
+    pub guarded: bool,
+    /// The receiver reports loss: a track whose lowest layer does not fit
+    /// may be paused; without it the lowest layer is kept.
+    pub may_pause: bool,
+}
+
 /// The layers to send within `budget` (bits per second for video): cuts at
 /// once when the current layers do not fit, raises one step at a time,
 /// only with [`RAISE_MARGIN`] to spare and when the track's [`Hold`] allows.
-///
-/// `congested`: the estimate fell lately. Otherwise it only tracks what is
-/// sent (a send-side estimate cannot see capacity nothing used), so it
-/// neither cuts nor stops a raise of a flowing track; a raise that does not
-/// fit shows as congestion, and is cut. Paused tracks resume only within
-/// the estimate either way. `holds` is updated for what changed.
+/// Paused tracks resume only within the estimate. See [`Link`] for when
+/// the budget binds. `holds` is updated for what changed.
 pub fn allocate(
     budget: u64,
-    congested: bool,
+    link: Link,
     demands: &[Demand],
     holds: &mut [Hold],
     now: Instant,
@@ -189,7 +200,7 @@ pub fn allocate(
         .iter()
         .map(|d| d.current.map(|c| c.min(d.cap())))
         .collect();
-    let keep = if congested {
+    let keep = if link.congested {
         fill(budget, demands, &keep_caps, &order)
     } else {
         keep_caps
@@ -205,7 +216,7 @@ pub fn allocate(
         &up_caps,
         &order,
     );
-    if !congested {
+    if !link.guarded {
         for (i, d) in demands.iter().enumerate() {
             if d.current.is_some() {
                 up[i] = up_caps[i];
@@ -227,7 +238,7 @@ pub fn allocate(
         (0..demands.len()).map(|i| cost(&demands[i], out[i])).sum()
     };
     for &i in order.iter().rev() {
-        if !congested || total(&out) <= budget {
+        if !link.guarded || total(&out) <= budget {
             break;
         }
         if out[i] > keep[i] {
@@ -239,7 +250,7 @@ pub fn allocate(
             holds[i].starving = None;
         } else {
             let since = *holds[i].starving.get_or_insert(now);
-            if now.saturating_duration_since(since) < Hold::PAUSE_AFTER {
+            if !link.may_pause || now.saturating_duration_since(since) < Hold::PAUSE_AFTER {
                 out[i] = Some(0);
             }
         }
@@ -258,6 +269,14 @@ mod tests {
 
     const COST: [u64; 3] = [150_000, 450_000, 1_500_000];
 
+    fn link(congested: bool, may_pause: bool) -> Link {
+        Link {
+            congested,
+            guarded: congested,
+            may_pause,
+        }
+    }
+
     fn cam(current: Option<Layer>) -> Demand {
         Demand {
             wanted: 2,
@@ -270,7 +289,7 @@ mod tests {
 
     fn run(budget: u64, demands: &[Demand], now: Instant) -> Vec<Option<Layer>> {
         let mut holds = vec![Hold::default(); demands.len()];
-        allocate(budget, true, demands, &mut holds, now)
+        allocate(budget, link(true, true), demands, &mut holds, now)
     }
 
     #[test]
@@ -286,11 +305,11 @@ mod tests {
         assert_eq!(run(600_000, &[cam(Some(2))], now), vec![Some(1)]);
         // Not even the lowest layer fits: the lowest until that has lasted.
         let mut holds = vec![Hold::default()];
-        let a = allocate(100_000, true, &[cam(Some(2))], &mut holds, now);
+        let a = allocate(100_000, link(true, true), &[cam(Some(2))], &mut holds, now);
         assert_eq!(a, vec![Some(0)]);
         let b = allocate(
             100_000,
-            true,
+            link(true, true),
             &[cam(Some(0))],
             &mut holds,
             now + Duration::from_secs(1),
@@ -298,7 +317,7 @@ mod tests {
         assert_eq!(b, vec![Some(0)]);
         let c = allocate(
             100_000,
-            true,
+            link(true, true),
             &[cam(Some(0))],
             &mut holds,
             now + Duration::from_secs(2),
@@ -316,12 +335,12 @@ mod tests {
         let t0 = Instant::now();
         let mut holds = vec![Hold::default()];
         // Paused, plenty of room: the lowest layer first.
-        let a = allocate(5_000_000, true, &[cam(None)], &mut holds, t0);
+        let a = allocate(5_000_000, link(true, true), &[cam(None)], &mut holds, t0);
         assert_eq!(a, vec![Some(0)]);
         // Too soon for the next step.
         let b = allocate(
             5_000_000,
-            true,
+            link(true, true),
             &[cam(Some(0))],
             &mut holds,
             t0 + Duration::from_millis(500),
@@ -329,7 +348,7 @@ mod tests {
         assert_eq!(b, vec![Some(0)]);
         let c = allocate(
             5_000_000,
-            true,
+            link(true, true),
             &[cam(Some(0))],
             &mut holds,
             t0 + Duration::from_secs(2),
@@ -338,7 +357,7 @@ mod tests {
         // 1.5 Mbit/s fits the top layer exactly but not with the margin.
         let d = allocate(
             1_500_000,
-            true,
+            link(true, true),
             &[cam(Some(1))],
             &mut holds,
             t0 + Duration::from_secs(4),
@@ -351,23 +370,23 @@ mod tests {
         let t0 = Instant::now();
         let mut holds = vec![Hold::default()];
         assert_eq!(
-            allocate(5_000_000, true, &[cam(Some(1))], &mut holds, t0),
+            allocate(5_000_000, link(true, true), &[cam(Some(1))], &mut holds, t0),
             vec![Some(2)]
         );
         // It did not fit: cut 2 s later; the wait is now 6 s, not 3.
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(
-            allocate(1_000_000, true, &[cam(Some(2))], &mut holds, t1),
+            allocate(1_000_000, link(true, true), &[cam(Some(2))], &mut holds, t1),
             vec![Some(1)]
         );
         let t2 = t1 + Duration::from_secs(4);
         assert_eq!(
-            allocate(5_000_000, true, &[cam(Some(1))], &mut holds, t2),
+            allocate(5_000_000, link(true, true), &[cam(Some(1))], &mut holds, t2),
             vec![Some(1)]
         );
         let t3 = t1 + Duration::from_secs(6);
         assert_eq!(
-            allocate(5_000_000, true, &[cam(Some(1))], &mut holds, t3),
+            allocate(5_000_000, link(true, true), &[cam(Some(1))], &mut holds, t3),
             vec![Some(2)]
         );
     }
@@ -377,8 +396,14 @@ mod tests {
         let now = Instant::now();
         let run = |budget, d: &[Demand]| {
             let mut holds = vec![Hold::default(); d.len()];
-            allocate(budget, true, d, &mut holds, now);
-            allocate(budget, true, d, &mut holds, now + Duration::from_secs(2))
+            allocate(budget, link(true, true), d, &mut holds, now);
+            allocate(
+                budget,
+                link(true, true),
+                d,
+                &mut holds,
+                now + Duration::from_secs(2),
+            )
         };
         let mut share = cam(Some(2));
         share.rank = 0;
@@ -418,17 +443,42 @@ mod tests {
         let mut holds = vec![Hold::default()];
         // The estimate only tracks the 150 kbit/s sent: keep, and raise a step.
         assert_eq!(
-            allocate(200_000, false, &[cam(Some(2))], &mut holds, t0),
+            allocate(200_000, link(false, true), &[cam(Some(2))], &mut holds, t0),
             vec![Some(2)]
         );
         assert_eq!(
-            allocate(200_000, false, &[cam(Some(0))], &mut holds, t0),
+            allocate(200_000, link(false, true), &[cam(Some(0))], &mut holds, t0),
             vec![Some(1)]
         );
         // A paused track resumes only within the estimate.
         let mut holds = vec![Hold::default()];
         assert_eq!(
-            allocate(100_000, false, &[cam(None)], &mut holds, t0),
+            allocate(100_000, link(false, true), &[cam(None)], &mut holds, t0),
+            vec![None]
+        );
+    }
+
+    #[test]
+    fn without_loss_the_lowest_layer_is_kept_not_paused() {
+        // An estimate can dip because a host is busy, not the link: only a
+        // receiver reporting loss gets a track paused.
+        let t0 = Instant::now();
+        let mut holds = vec![Hold::default()];
+        for s in 0..5 {
+            let now = t0 + Duration::from_secs(s);
+            assert_eq!(
+                allocate(50_000, link(true, false), &[cam(Some(0))], &mut holds, now),
+                vec![Some(0)]
+            );
+        }
+        assert_eq!(
+            allocate(
+                50_000,
+                link(true, true),
+                &[cam(Some(0))],
+                &mut holds,
+                t0 + Duration::from_secs(6)
+            ),
             vec![None]
         );
     }

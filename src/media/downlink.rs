@@ -4,7 +4,7 @@
 //! does not fit at all is paused and the client told (StreamStateUpdate).
 //! Runs at housekeeping and on track settings, never per packet.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use livekit_protocol as lk;
 use lk::signal_response::Message as Resp;
@@ -25,10 +25,25 @@ pub const WIRE_OVERHEAD: u64 = 60;
 const PEAK_FADE: f64 = 0.97;
 /// An estimate this far below its recent peak means congestion...
 const CONGESTION_DROP: f64 = 0.85;
-/// ...for this long.
-const CONGESTION_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+/// ...for this long: layers are cut to fit.
+const CONGESTION_HOLD: Duration = Duration::from_secs(5);
+/// After congestion, raises wait for the estimate (probed meanwhile) this
+/// long: without it, a raise as soon as the loss stopped hit the same limit.
+const GUARD_AFTER_CONGESTION: Duration = Duration::from_secs(30);
 /// Share of the estimate media may use while congested.
 const CONGESTED_SHARE: f64 = 0.85;
+/// Loss in the receiver's reports at least this high...
+const LOSS_EVIDENCE: f32 = 0.03;
+/// ...shows the link full for this long (reports come every 1-2 s).
+const LOSS_MEMORY: Duration = Duration::from_secs(5);
+/// A receiver report covers about the last second: one this long after a
+/// cut is about the layers left.
+const CUT_SETTLE: Duration = Duration::from_millis(2000);
+// Only a dip with loss is congestion. The estimate follows delay, and a
+// busy host (ours or the receiver's, on a loaded machine) delays packets as
+// a full link does, for as long as it stays busy: measured, dips alone cut
+// a 960x540 subscriber's top layer for nothing. Loss only a full link makes;
+// the estimate then says how much fits.
 
 /// A new estimate or str0m target differing less than this is no news.
 const CHANGE: f64 = 0.05;
@@ -46,6 +61,17 @@ impl Core {
         }
     }
 
+    /// The receiver's reports on what we send it: loss above
+    /// [`LOSS_EVIDENCE`] marks the downlink full for [`LOSS_MEMORY`].
+    pub(super) fn note_downlink_loss(&mut self, key: usize, loss: Option<f32>, now: Instant) {
+        let Some(p) = self.parts.get_mut(key) else {
+            return;
+        };
+        if loss.is_some_and(|l| l.is_finite() && l >= LOSS_EVIDENCE) {
+            p.downlink.loss_at = Some(now);
+        }
+    }
+
     /// ICE found a path again after losing it (another network, TCP after
     /// UDP): what the old path carried says nothing of the new one, and an
     /// estimate that collapsed while no feedback came would keep the video
@@ -60,15 +86,16 @@ impl Core {
         tracing::debug!(participant = %p.sid, "downlink estimate restarted");
         p.downlink.twcc = Some(initial.as_u64());
         p.downlink.remb = None;
-        p.downlink.desired_set = 0;
+        p.downlink.desired_set = None;
         p.downlink.peak = 0;
-        p.downlink.congested_until = None;
+        p.downlink.congested_at = None;
+        p.downlink.loss_at = None;
+        p.downlink.cut_at = None;
         for (_, s) in p.subs.iter_mut() {
             s.hold = allocate::Hold::default();
         }
         let mut bwe = p.send_peer().rtc.bwe();
         bwe.reset(initial);
-        bwe.set_bitrate(Bitrate::ZERO, initial * 3.0);
         self.allocate_for(key, now);
     }
 
@@ -182,13 +209,30 @@ impl Core {
         }
         let budget = estimate.saturating_sub(audio);
         // Congestion: the estimate fell below 85 % of its recent peak (the
-        // peak fades by half in about 11 s); it counts for 5 s.
+        // peak fades by half in about 11 s) while the receiver reports
+        // loss; it counts for 5 s.
         let dl = &mut p.downlink;
         dl.peak = estimate.max((dl.peak as f64 * PEAK_FADE) as u64);
-        if (estimate as f64) < dl.peak as f64 * CONGESTION_DROP {
-            dl.congested_until = Some(now + CONGESTION_HOLD);
+        let lossy = dl
+            .loss_at
+            .is_some_and(|t| now.saturating_duration_since(t) < LOSS_MEMORY);
+        // Only loss reported once the last cut has had time to show may
+        // pause: a report still counting the packets of the layer just cut
+        // (and the estimate it dragged down) says nothing of the one left.
+        let fresh_loss = lossy
+            && dl
+                .cut_at
+                .is_none_or(|c| dl.loss_at.is_some_and(|l| l > c + CUT_SETTLE));
+        if lossy && (estimate as f64) < dl.peak as f64 * CONGESTION_DROP {
+            dl.congested_at = Some(now);
         }
-        let congested = dl.congested_until.is_some_and(|t| now < t);
+        let since = dl.congested_at.map(|t| now.saturating_duration_since(t));
+        let link = allocate::Link {
+            congested: since.is_some_and(|s| s < CONGESTION_HOLD),
+            guarded: since.is_some_and(|s| s < GUARD_AFTER_CONGESTION),
+            may_pause: fresh_loss,
+        };
+        let congested = link.congested;
         // Congested, what flows must also leave the link room to drain.
         let budget = if congested {
             ((estimate as f64 * CONGESTED_SHARE) as u64).saturating_sub(audio)
@@ -196,8 +240,14 @@ impl Core {
             budget
         };
         let mut holds: Vec<_> = subs.iter().map(|&sk| p.subs[sk].hold.clone()).collect();
-        let out = allocate::allocate(budget, congested, &demands, &mut holds, now);
+        let out = allocate::allocate(budget, link, &demands, &mut holds, now);
 
+        tracing::trace!(
+            participant = %p.sid, estimate, budget, congested, lossy,
+            wanted = ?demands.iter().map(|d| d.wanted).collect::<Vec<_>>(),
+            was = ?demands.iter().map(|d| d.current).collect::<Vec<_>>(),
+            now = ?out, "downlink pass"
+        );
         if out.iter().zip(&demands).any(|(o, d)| *o != d.current) {
             tracing::debug!(
                 participant = %p.sid,
@@ -205,6 +255,7 @@ impl Core {
                 audio,
                 budget,
                 congested,
+                lossy,
                 was = ?demands.iter().map(|d| d.current).collect::<Vec<_>>(),
                 now = ?out,
                 costs = ?demands.iter().map(|d| d.cost).collect::<Vec<_>>(),
@@ -250,25 +301,43 @@ impl Core {
             }));
         }
 
-        // What to probe for: everything as wanted, with the room a raise
-        // needs (else the estimate settles just short of the top layer).
-        let wanted = audio
-            + demands
-                .iter()
-                .map(|d| d.cost[d.wanted.min(d.layers.saturating_sub(1) as Layer) as usize])
-                .sum::<u64>();
-        let desired = (wanted as f64 * allocate::RAISE_MARGIN) as u64;
-        // No padding target beyond str0m's own floor: a flowing track rises
-        // without the estimate's leave (see `allocate`), and padding up to
-        // the next step kept a weak link full and its video stuttering.
+        // What str0m should aim for. Only while the estimate holds video
+        // back (congested lately, or a track paused) is it worth probing, towards
+        // everything as wanted with the room a raise needs. Otherwise what
+        // flows: padding towards layers that flow anyway (they rise without
+        // the estimate's leave, see `allocate`) only burns CPU on both ends
+        // and, measured, kept a weak link full and its video stuttering.
+        // The first pass always replaces the start-up target, so one who
+        // receives no video is never padded up to it.
+        let limited = link.guarded || out.iter().any(|o| o.is_none());
+        let desired = if limited {
+            let wanted = audio
+                + demands
+                    .iter()
+                    .map(|d| d.cost[d.cap() as usize])
+                    .sum::<u64>();
+            (wanted as f64 * allocate::RAISE_MARGIN) as u64
+        } else {
+            audio
+                + out
+                    .iter()
+                    .zip(&demands)
+                    .map(|(o, d)| o.map_or(0, |l| d.cost[l as usize]))
+                    .sum::<u64>()
+        };
         let dl = &mut p.downlink;
-        let last = dl.desired_set;
-        if (desired as f64 - last as f64).abs() > last as f64 * CHANGE {
-            dl.desired_set = desired;
+        let news = dl
+            .desired_set
+            .is_none_or(|last| (desired as f64 - last as f64).abs() > last as f64 * CHANGE);
+        if news {
+            dl.desired_set = Some(desired);
             p.send_peer()
                 .rtc
                 .bwe()
                 .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+        }
+        if downgrades > 0 {
+            p.downlink.cut_at = Some(now);
         }
         let room_key = p.room;
         if let Some(r) = rooms.get_mut(room_key) {

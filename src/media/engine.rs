@@ -68,8 +68,6 @@ pub(super) const DYNACAST_DOWN_DELAY: Duration = Duration::from_secs(5);
 const PACER_STEP: Duration = Duration::from_millis(1);
 /// Packets one drain lets the pacer release; the rest wait a loop turn.
 const MAX_PACER_STEPS: u32 = 256;
-/// The longest a subscriber's video may wait in its pacer queue.
-const MAX_BACKLOG: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -156,7 +154,6 @@ pub(super) struct Core {
     pub(super) n_rtp_in: u64,
     pub(super) n_fwd: u64,
     pub(super) n_fwd_bytes: u64,
-    pub(super) n_backlog_drops: u64,
     /// This worker's share of the rooms/participants/tracks/paused gauges.
     pub(super) gauges: [u64; 4],
     pub(super) fallbacks: Fallbacks,
@@ -196,7 +193,6 @@ pub fn run(
         n_rtp_in: 0,
         n_fwd: 0,
         n_fwd_bytes: 0,
-        n_backlog_drops: 0,
         gauges: [0; 4],
         next_quality: Instant::now() + QUALITY_INTERVAL,
         fallbacks: Fallbacks::new(cfg_memory),
@@ -540,7 +536,6 @@ impl Core {
             &c.rtp_bytes_forwarded,
             std::mem::take(&mut self.n_fwd_bytes),
         );
-        MediaCounters::add(&c.backlog_drops, std::mem::take(&mut self.n_backlog_drops));
     }
 
     pub(super) fn timeouts(&mut self, now: Instant) {
@@ -645,7 +640,10 @@ impl Core {
             }
             Event::ChannelData(d) => self.data_in(key, role, d),
             Event::MediaIngressStats(st) => self.note_loss(key, st.loss),
-            Event::MediaEgressStats(st) => self.note_loss(key, st.loss),
+            Event::MediaEgressStats(st) => {
+                self.note_loss(key, st.loss);
+                self.note_downlink_loss(key, st.loss, now);
+            }
             Event::EgressBitrateEstimate(b) => self.on_estimate(key, b),
             Event::Connected => {
                 if let Some(p) = self.parts.get_mut(key) {
@@ -671,7 +669,6 @@ impl Core {
             is_dirty,
             n_fwd,
             n_fwd_bytes,
-            n_backlog_drops,
             ..
         } = self;
         let Some(p) = parts.get_mut(key) else { return };
@@ -775,26 +772,10 @@ impl Core {
                         Some(s) => &mut s.peer,
                         None => &mut *peer,
                     };
-                    // The pacer holds what the link could not carry yet; past
-                    // MAX_BACKLOG the picture would only lag further behind:
-                    // drop, and start again at a keyframe.
-                    let paced = send_peer.paced;
                     let mut api = send_peer.rtc.direct_api();
                     let Some(stx) = api.stream_tx_by_mid(mid, None) else {
                         continue;
                     };
-                    if paced
-                        && sub.kind == Kind::Video
-                        && stx
-                            .queue_info()
-                            .and_then(|q| q.first_unsent())
-                            .is_some_and(|t| now.saturating_duration_since(t) > MAX_BACKLOG)
-                    {
-                        sub.fwd.pause();
-                        want_keyframe = Some(sub.fwd.goal());
-                        *n_backlog_drops += 1;
-                        continue;
-                    }
                     let w = RtpWrite::new(
                         pt.into(),
                         SeqNo::from(seq),
@@ -970,15 +951,14 @@ impl Core {
             .enable_opus(true, false)
             .enable_vp8(true)
             .enable_h264(true)
-            // Receiver reports feed connection quality.
-            .set_stats_interval(Some(Duration::from_secs(2)))
+            // Receiver reports feed connection quality and tell a full
+            // downlink (loss) from a busy host.
+            .set_stats_interval(Some(Duration::from_secs(1)))
             .build(Instant::now());
-        if let Some(initial) = bwe {
-            // Probe from the start (str0m probes nothing while nothing is
-            // desired); the allocation sets the real figure.
-            rtc.bwe()
-                .set_bitrate(str0m::bwe::Bitrate::ZERO, initial * 3.0);
-        }
+        // No probing at the start: the allocation asks for it only where
+        // the estimate holds video back. Measured, padding several Mbit/s
+        // to each new subscriber on a loaded host slowed the publishers'
+        // own ramp-up (their top layer came seconds later, or not at all).
         // The TCP rung of the fallback ladder: no UDP candidates.
         let udp: &[SocketAddr] = if rung == Rung::TcpOnly {
             &[]

@@ -87,14 +87,19 @@ pub struct Downlink {
     pub twcc: Option<u64>,
     /// Its receiver's own estimate (REMB), for clients without TWCC.
     pub remb: Option<u64>,
-    /// The desired rate last given to str0m's estimator.
-    pub desired_set: u64,
+    /// The desired rate last given to str0m's estimator by the allocation
+    /// (`None`: still the start-up target).
+    pub desired_set: Option<u64>,
     /// ICE lost its path; the estimate is started afresh when it is back.
     pub path_lost: bool,
-    /// The recent peak of the estimate, and until when the link counts as
+    /// The recent peak of the estimate, and when the link was last found
     /// congested (see `downlink.rs`).
     pub peak: u64,
-    pub congested_until: Option<Instant>,
+    pub congested_at: Option<Instant>,
+    /// When the receiver last reported loss, and when layers were last cut
+    /// for bandwidth (see `downlink.rs`).
+    pub loss_at: Option<Instant>,
+    pub cut_at: Option<Instant>,
 }
 
 impl Downlink {

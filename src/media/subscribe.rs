@@ -240,6 +240,7 @@ impl Core {
                 if mask == t.available {
                     continue;
                 }
+                tracing::debug!(track = %t.sid, was = t.available, now = mask, "layers sent");
                 t.available = mask;
                 for &(sp, sk) in &t.subscribers {
                     if let Some(sub) = self.parts.get_mut(sp).and_then(|p| p.subs.get_mut(sk)) {

@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { createRequire } from 'node:module';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
 
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -85,7 +85,13 @@ async function startServerOnce(extraArgs, { host = HOST, ports = null, netns = n
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const log = [];
-  const keep = (d) => { log.push(...d.toString().split('\n')); if (log.length > 400) log.splice(0, log.length - 400); };
+  // MOSELLE_LOG_FILE: keep the whole server log there too (for debugging).
+  const file = process.env.MOSELLE_LOG_FILE;
+  const keep = (d) => {
+    if (file) appendFileSync(file, d);
+    log.push(...d.toString().split('\n'));
+    if (log.length > 400) log.splice(0, log.length - 400);
+  };
   proc.stdout.on('data', keep);
   proc.stderr.on('data', keep);
   let exited = null;
