@@ -28,12 +28,27 @@ pub struct Config {
     pub call_page: CallPageConfig,
     pub matrix: MatrixConfig,
     pub cluster: ClusterConfig,
+    pub webhook: WebhookConfig,
     /// TURN servers handed to clients (`[[turn]]`); none by default.
     #[serde(default)]
     pub turn: Vec<crate::transport::turn::TurnConfig>,
     /// `--dev`: short secrets allowed. Not a config key.
     #[serde(skip)]
     pub dev: bool,
+}
+
+/// LiveKit-format webhooks (see `webhook.rs`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub urls: Vec<String>,
+    /// The API key whose secret signs them; empty: the only key.
+    pub api_key: String,
+    /// Events waiting per URL; more are dropped (and counted).
+    pub queue_size: usize,
+    pub timeout_ms: u64,
+    /// Tries per event and URL, with backoff from 0.5 s doubling.
+    pub attempts: u32,
 }
 
 /// Many nodes, and where rooms may be placed.
@@ -114,6 +129,21 @@ pub struct ServerConfig {
     pub public_url: String,
     /// Most rooms this node takes (0: no limit).
     pub capacity: u32,
+    /// HTTPS/WSS on `http_port`: a PEM certificate chain and its key (both,
+    /// or neither for plain HTTP). Read again on SIGHUP.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+}
+
+impl ServerConfig {
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        (!self.tls_cert_file.is_empty() && !self.tls_key_file.is_empty()).then(|| {
+            crate::tls::TlsFiles {
+                cert: self.tls_cert_file.clone().into(),
+                key: self.tls_key_file.clone().into(),
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -320,6 +350,24 @@ impl Config {
                 "rtc.tcp_max_connections, tcp_max_connections_per_address, \
                  tcp_first_stun_timeout_ms and tcp_idle_timeout_secs must be positive"
             );
+        }
+        if self.server.tls_cert_file.is_empty() != self.server.tls_key_file.is_empty() {
+            problem!(
+                "server.tls_cert_file and server.tls_key_file go together: set both, or neither"
+            );
+        }
+        for u in &self.webhook.urls {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                problem!("webhook.urls: {u:?} is not an http:// or https:// URL");
+            }
+        }
+        if !self.webhook.urls.is_empty() {
+            let k = &self.webhook.api_key;
+            if !k.is_empty() && !self.keys.contains_key(k) {
+                problem!("webhook.api_key {k:?} is not one of the API keys");
+            } else if k.is_empty() && self.keys.len() > 1 {
+                problem!("webhook.api_key: several API keys are configured, name the one that signs webhooks");
+            }
         }
         let m = &self.matrix;
         if m.enabled {

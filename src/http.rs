@@ -66,6 +66,9 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut text = crate::metrics::render(&s.media.media_counters, &s.media.signal_counters);
     s.media.cluster.counters.render(&mut text);
+    if let Some(w) = &s.media.webhook_counters {
+        crate::metrics::render_counters(&mut text, w.snapshot());
+    }
     if let Some(t) = &s.tokens {
         crate::metrics::render_counters(&mut text, t.counters.snapshot());
         crate::metrics::render_counters(&mut text, t.delegations.counters.snapshot());

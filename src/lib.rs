@@ -10,6 +10,8 @@ pub mod media;
 pub mod metrics;
 pub mod netinfo;
 pub mod server;
+pub mod tls;
 pub mod transport;
+pub mod webhook;
 
 pub use moselle_signaling as signaling;

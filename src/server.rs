@@ -98,6 +98,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             .rtc
             .downlink_bwe
             .then(|| str0m::bwe::Bitrate::kbps(cfg.rtc.bwe_initial_kbps.max(30))),
+        webhooks: crate::webhook::start(&cfg.webhook, &KeySet::new(cfg.keys.clone()))?,
     };
     let listener = tokio::net::TcpListener::bind((cfg.server.bind, cfg.server.http_port))
         .await
@@ -108,12 +109,23 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             )
         })?;
     let http_addr = listener.local_addr()?;
+    let tls = match cfg.server.tls_files() {
+        Some(files) => {
+            let slot: crate::tls::Slot =
+                Arc::new(std::sync::RwLock::new(crate::tls::load(&files)?));
+            crate::tls::reload_on_sighup(files, slot.clone())
+                .context("cannot watch for SIGHUP (TLS reload)")?;
+            Some(slot)
+        }
+        None => None,
+    };
     let me = NodeInfo {
         id: cfg.server.node_id.clone(),
         jurisdiction: cfg.server.jurisdiction.clone(),
         url: if cfg.server.public_url.is_empty() {
             let ip = ips.first().copied().unwrap_or(http_addr.ip());
-            format!("ws://{}", SocketAddr::new(ip, http_addr.port()))
+            let scheme = if tls.is_some() { "wss" } else { "ws" };
+            format!("{scheme}://{}", SocketAddr::new(ip, http_addr.port()))
         } else {
             cfg.server.public_url.clone()
         },
@@ -237,17 +249,24 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     let app = crate::http::app(media.clone(), call_page, tokens);
     let drain_timeout = Duration::from_secs(cfg.cluster.drain_timeout_secs);
     let drain_media = media.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            drain(&drain_media, drain_timeout).await;
-        })
-        .await
-    });
+    let stop = async move {
+        shutdown_signal().await;
+        drain(&drain_media, drain_timeout).await;
+    };
+    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    let server = match tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, make)
+                .with_graceful_shutdown(stop)
+                .await
+        }),
+        Some(slot) => {
+            use axum::serve::ListenerExt;
+            // `tap_io` only so axum hands handlers the peer address.
+            let tls = crate::tls::TlsListener::new(listener, slot)?.tap_io(|_| {});
+            tokio::spawn(async move { axum::serve(tls, make).with_graceful_shutdown(stop).await })
+        }
+    };
     Ok(Running {
         http_addr,
         udp_port,

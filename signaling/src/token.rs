@@ -77,6 +77,9 @@ pub struct Claims {
     pub attributes: HashMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub video: Option<VideoGrant>,
+    /// Base64 SHA-256 of a webhook's body (webhook tokens only).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sha256: String,
 }
 
 impl Claims {

@@ -92,6 +92,8 @@ pub struct EngineConfig {
     /// Downlink bandwidth estimation from this starting estimate; `None`:
     /// off (layers then follow only what subscribers ask for).
     pub bwe_initial: Option<str0m::bwe::Bitrate>,
+    /// Where room, participant and track events go as webhooks, if any.
+    pub webhooks: Option<crate::webhook::Sink>,
 }
 
 pub enum Command {
@@ -1184,6 +1186,7 @@ impl Core {
         };
         self.parts[key].send(Resp::Join(jr));
         tracing::info!(room = %self.rooms[room_key].name, participant = %self.parts[key].sid, dual_pc = dual, "participant joined");
+        self.hook_participant("participant_joined", key, None, None);
 
         // Subscribe to what is already published, then answer the bundled
         // offer so the first answer can already carry those tracks.
@@ -1294,6 +1297,7 @@ impl Core {
         }
         self.publish_gauges();
         tracing::info!(room = %name, "room created");
+        self.hook_room("room_started", &self.rooms[key]);
         key
     }
 
@@ -1404,6 +1408,8 @@ impl Core {
         for tk in p.published.clone() {
             self.unpublish(key, tk);
         }
+        let gone = lk::participant_info::State::Disconnected;
+        self.hook_participant("participant_left", key, Some(gone), None);
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
@@ -1619,6 +1625,7 @@ impl Core {
                 m.remove(&r.name);
             }
             tracing::info!(room = %r.name, "room closed");
+            self.hook_room("room_finished", &r);
         }
         self.publish_gauges();
     }

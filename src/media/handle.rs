@@ -27,6 +27,7 @@ pub struct MediaHandle {
     pub cluster: Arc<Cluster>,
     pub signal_counters: Arc<SignalCounters>,
     pub media_counters: Arc<MediaCounters>,
+    pub webhook_counters: Option<Arc<crate::webhook::WebhookCounters>>,
     threads: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
     /// Stops the transport's own threads (UDP dispatcher, TCP acceptor).
     transport_stop: Arc<AtomicBool>,
@@ -48,6 +49,7 @@ impl MediaHandle {
     ) -> std::io::Result<Arc<MediaHandle>> {
         let media_counters = Arc::new(MediaCounters::default());
         let auto_create = cfg.auto_create;
+        let webhook_counters = cfg.webhooks.as_ref().map(|w| w.counters.clone());
         let started = transport::start(udp, tcp, workers, media_counters.clone())?;
         let mut threads = started.threads;
         let mut senders = Vec::with_capacity(started.workers.len());
@@ -75,6 +77,7 @@ impl MediaHandle {
             cluster,
             signal_counters: Arc::new(SignalCounters::default()),
             media_counters,
+            webhook_counters,
             threads,
             transport_stop: started.stop,
         }))

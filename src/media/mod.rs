@@ -10,6 +10,7 @@ pub mod engine;
 pub mod fallback;
 pub mod forward;
 pub mod handle;
+mod hooks;
 pub mod keyframe;
 mod negotiate;
 pub mod participant;

@@ -237,6 +237,8 @@ impl Core {
         for tk in announce {
             if let Some(t) = self.rooms[room_key].tracks.get(tk) {
                 tracing::info!(track = %t.sid, mime = %t.info.mime_type, layers = t.rids.len(), "track published");
+                let info = t.info.clone();
+                self.hook_participant("track_published", key, None, Some(info));
             }
             let others: Vec<usize> = self.rooms[room_key]
                 .participants
@@ -267,6 +269,7 @@ impl Core {
             return;
         };
         tracing::info!(track = %track.sid, "track unpublished");
+        self.hook_participant("track_unpublished", key, None, Some(track.info.clone()));
         for (sp, sk) in track.subscribers {
             self.drop_sub(sp, sk, true);
         }
