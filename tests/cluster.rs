@@ -257,6 +257,19 @@ async fn rooms_stay_in_lu_spread_by_load_agree_and_fail_closed() {
         .expect("lu-1 held a room");
     lu1.kill();
     tokio::time::sleep(Duration::from_secs(4)).await;
+    // The audit keeps a dead node's rooms, in the jurisdiction they were
+    // placed in, until they are placed again.
+    let audit = admin_rooms(de1.addr).await;
+    let rows = audit["rooms"].as_array().unwrap();
+    assert!(
+        rows.iter().all(|r| r["jurisdiction"] == "LU"),
+        "every row keeps its jurisdiction after lu-1 died: {audit}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r["room"] == lu1_room.as_str() && r["node"] == "lu-1"),
+        "{audit}"
+    );
     for i in 0..5 {
         let node = placed_via(&de1, &format!("after-{i}"), &all)
             .await
@@ -269,6 +282,18 @@ async fn rooms_stay_in_lu_spread_by_load_agree_and_fail_closed() {
     assert_eq!(
         again, "lu-2",
         "a dead node's room is placed again in the same jurisdiction"
+    );
+    let audit = admin_rooms(de1.addr).await;
+    let row = audit["rooms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["room"] == lu1_room.as_str())
+        .cloned();
+    assert_eq!(
+        row.map(|r| (r["node"].clone(), r["jurisdiction"].clone())),
+        Some(("lu-2".into(), "LU".into())),
+        "the audit names the node the room was placed on again: {audit}"
     );
 
     // Both LU nodes gone: a clear refusal, never DE.

@@ -325,6 +325,12 @@ impl RedisRegistry {
                     .as_ref()
                     .map(|n| n.jurisdiction.clone())
                     .unwrap_or_else(|| placed_in.to_string());
+                if jurisdiction.is_empty() {
+                    // A dead node's room whose value names no jurisdiction
+                    // (written before it was kept): unknown, so not listed;
+                    // it is placed again at its next join.
+                    continue;
+                }
                 out.push(RoomPlacement {
                     room: k.trim_start_matches(&format!("{PREFIX}room:")).to_string(),
                     node: id.to_string(),
