@@ -953,9 +953,13 @@ impl Core {
             .enable_opus(true, false)
             .enable_vp8(true)
             .enable_h264(true)
-            // Receiver reports feed connection quality and tell a full
-            // downlink (loss) from a busy host.
-            .set_stats_interval(Some(Duration::from_secs(1)))
+            // Receiver reports feed connection quality and, with BWE,
+            // tell a full downlink (loss) from a busy host: sooner then.
+            .set_stats_interval(Some(if bwe.is_some() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(2)
+            }))
             .build(Instant::now());
         // No probing at the start: the allocation asks for it only where
         // the estimate holds video back. Measured, padding several Mbit/s
