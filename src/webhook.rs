@@ -11,11 +11,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use livekit_protocol as lk;
-use moselle_signaling::token::{Claims, KeySet};
+use moselle_signaling::ids::new_id;
+use moselle_signaling::token::{now_secs, Claims, KeySet};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -101,8 +102,8 @@ impl Sink {
             room,
             participant,
             track,
-            id: format!("EV_{}", random_id()),
-            created_at: unix_secs() as i64,
+            id: new_id("EV_"),
+            created_at: now_secs() as i64,
             ..Default::default()
         });
         for q in self.queues.iter() {
@@ -217,7 +218,7 @@ async fn deliver_all(
 }
 
 async fn post(t: &Target, body: &str) -> Result<(), String> {
-    let now = unix_secs();
+    let now = now_secs();
     let claims = Claims {
         nbf: Some(now),
         exp: now + TOKEN_TTL.as_secs(),
@@ -239,20 +240,4 @@ async fn post(t: &Target, body: &str) -> Result<(), String> {
     } else {
         Err(format!("HTTP {}", resp.status().as_u16()))
     }
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn random_id() -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    (0..12)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
 }

@@ -158,7 +158,8 @@ impl std::fmt::Debug for KeySet {
     }
 }
 
-fn now_secs() -> u64 {
+/// Unix time in seconds (0 if the clock is before 1970).
+pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
