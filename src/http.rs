@@ -16,6 +16,7 @@ use crate::media::handle::MediaHandle;
 struct AppState {
     media: Arc<MediaHandle>,
     tokens: Option<Arc<TokenService>>,
+    api: Arc<crate::api::ApiCounters>,
 }
 
 pub fn app(
@@ -24,6 +25,8 @@ pub fn app(
     tokens: Option<Arc<TokenService>>,
 ) -> Router {
     let signaling = moselle_signaling::routes::router(media.clone());
+    let api = Arc::new(crate::api::ApiCounters::default());
+    let room_service = crate::api::router(media.clone(), api.clone());
     let mut router = Router::new()
         .route("/", get(|| async { "moselle" }))
         .route("/healthz", get(healthz))
@@ -32,8 +35,10 @@ pub fn app(
         .with_state(AppState {
             media,
             tokens: tokens.clone(),
+            api,
         })
-        .merge(signaling);
+        .merge(signaling)
+        .merge(room_service);
     if let Some(t) = tokens {
         // Element Call asks for tokens from the browser: CORS applies.
         router = router.merge(crate::matrix::service::router(t));
@@ -66,6 +71,7 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut text = crate::metrics::render(&s.media.media_counters, &s.media.signal_counters);
     s.media.cluster.counters.render(&mut text);
+    crate::metrics::render_counters(&mut text, s.api.snapshot());
     if let Some(w) = &s.media.webhook_counters {
         crate::metrics::render_counters(&mut text, w.snapshot());
     }

@@ -1,6 +1,7 @@
 //! Moselle: a selective forwarding unit for Matrix calls that speaks the
 //! LiveKit protocol. See DESIGN.md in the project's shared folder.
 
+pub mod api;
 pub mod callpage;
 pub mod cluster;
 pub mod config;

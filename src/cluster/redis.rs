@@ -276,6 +276,24 @@ impl RedisRegistry {
         }
     }
 
+    /// Every node heartbeating now.
+    pub async fn live_nodes(&self) -> Result<Vec<NodeInfo>, PlacementError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{PREFIX}nodes"))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((info, _, _)) = self.node(&id).await? {
+                out.push(info);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
     /// Where `room` was placed, whether or not its node still runs.
     pub async fn placement(&self, room: &str) -> Result<Option<Placement>, PlacementError> {
         let mut c = self.conn.clone();

@@ -31,6 +31,7 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::sync::{mpsc, oneshot};
 
+use super::admin::{AdminError, AdminOp, AdminReply};
 use super::downlink::WIRE_OVERHEAD;
 use super::fallback::{Fallbacks, Offers, Rung};
 use super::forward::{Layer, Verdict};
@@ -129,6 +130,11 @@ pub enum Command {
         room: String,
         identity: String,
         reason: lk::DisconnectReason,
+    },
+    /// A server API (RoomService) call.
+    Admin {
+        op: Box<AdminOp>,
+        reply: oneshot::Sender<Result<AdminReply, AdminError>>,
     },
 }
 
@@ -889,6 +895,9 @@ impl Core {
                     self.remove_participant(k, Some(reason));
                 }
             }
+            Command::Admin { op, reply } => {
+                let _ = reply.send(self.admin(*op));
+            }
             Command::Closed { key, gen } => {
                 let Some(p) = self.parts.get_mut(key).filter(|p| p.gen == gen) else {
                     self.reap_broken();
@@ -1047,6 +1056,21 @@ impl Core {
                 ))
             }
         };
+        let r = &self.rooms[room_key];
+        let rejoining = r
+            .participants
+            .iter()
+            .any(|k| self.parts.get(*k).is_some_and(|p| p.identity == claims.sub));
+        if r.max_participants > 0
+            && r.participants.len() >= r.max_participants as usize
+            && !rejoining
+        {
+            return Err(refusal(
+                StatusCode::FORBIDDEN,
+                "room_full",
+                "the room has reached its maximum number of participants",
+            ));
+        }
         // Same identity again: the newer session replaces the older one.
         let dup = self.rooms[room_key]
             .participants
@@ -1294,6 +1318,8 @@ impl Core {
             departure_timeout_secs: self.cfg.departure_timeout_secs,
             empty_timeout_secs: self.cfg.empty_timeout_secs,
             bwe_downgrades: 0,
+            metadata: String::new(),
+            max_participants: 0,
         });
         self.room_by_name.insert(name.to_string(), key);
         if let Ok(mut d) = self.directory.write() {
@@ -1620,17 +1646,24 @@ impl Core {
             .map(|(k, _)| k)
             .collect();
         for rk in closing {
-            let r = self.rooms.remove(rk);
-            self.room_by_name.remove(&r.name);
-            if let Ok(mut d) = self.directory.write() {
-                d.remove(&r.name);
-            }
-            if let Ok(mut m) = self.counters.room_bandwidth.lock() {
-                m.remove(&r.name);
-            }
-            tracing::info!(room = %r.name, "room closed");
-            self.hook_room("room_finished", &r);
+            self.close_room(rk);
         }
         self.publish_gauges();
+    }
+
+    /// Close an empty room.
+    pub(super) fn close_room(&mut self, rk: usize) {
+        let Some(r) = self.rooms.try_remove(rk) else {
+            return;
+        };
+        self.room_by_name.remove(&r.name);
+        if let Ok(mut d) = self.directory.write() {
+            d.remove(&r.name);
+        }
+        if let Ok(mut m) = self.counters.room_bandwidth.lock() {
+            m.remove(&r.name);
+        }
+        tracing::info!(room = %r.name, "room closed");
+        self.hook_room("room_finished", &r);
     }
 }

@@ -13,6 +13,7 @@ use moselle_signaling::backend::{
 use moselle_signaling::token::KeySet;
 use tokio::sync::{mpsc, oneshot};
 
+use super::admin::{AdminError, AdminOp, AdminReply};
 use super::engine::{self, Command, Directory, EngineConfig};
 use crate::cluster::Cluster;
 use crate::metrics::MediaCounters;
@@ -123,6 +124,37 @@ impl MediaHandle {
         sent.is_ok() && wait.await.is_ok()
     }
 
+    /// Carry out a server API call on the worker holding its room; a
+    /// room-less call (ListRooms) goes to every worker, merged.
+    pub async fn admin(&self, op: AdminOp) -> Result<AdminReply, AdminCallError> {
+        let Some(room) = op.room() else {
+            let AdminOp::ListRooms(req) = op else {
+                return Err(AdminCallError::Unavailable);
+            };
+            let mut rooms = Vec::new();
+            for w in &self.workers {
+                let (reply, wait) = oneshot::channel();
+                let op = Box::new(AdminOp::ListRooms(req.clone()));
+                w.send(Command::Admin { op, reply })
+                    .map_err(|_| AdminCallError::Unavailable)?;
+                if let Ok(Ok(AdminReply::Rooms(r))) = wait.await {
+                    rooms.extend(r);
+                }
+            }
+            rooms.sort_by(|a, b| a.name.cmp(&b.name));
+            return Ok(AdminReply::Rooms(rooms));
+        };
+        let (reply, wait) = oneshot::channel();
+        let worker = self.worker_for(room);
+        let op = Box::new(op);
+        worker
+            .send(Command::Admin { op, reply })
+            .map_err(|_| AdminCallError::Unavailable)?;
+        wait.await
+            .map_err(|_| AdminCallError::Unavailable)?
+            .map_err(AdminCallError::Refused)
+    }
+
     /// Whether this join may open a room that is not open yet.
     fn may_open(&self, ticket: &JoinTicket) -> bool {
         self.auto_create || ticket.claims.video().room_create
@@ -145,6 +177,14 @@ impl Drop for MediaHandle {
     fn drop(&mut self) {
         self.transport_stop.store(true, Ordering::Relaxed);
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminCallError {
+    #[error("the media engine is not running")]
+    Unavailable,
+    #[error(transparent)]
+    Refused(#[from] AdminError),
 }
 
 fn room_not_found() -> Refusal {

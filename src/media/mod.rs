@@ -2,6 +2,7 @@
 //! a forwarding worker thread, except [`handle`], the thread-safe door.
 //! Sockets and demultiplexing are the transport layer's (`crate::transport`).
 
+pub mod admin;
 pub mod allocate;
 pub mod data;
 mod downlink;

@@ -33,34 +33,7 @@ impl Core {
             }
         };
         let room = p.room;
-        for m in self.rooms[room].participants.clone() {
-            if m == key {
-                continue;
-            }
-            let Some(o) = self.parts.get_mut(m) else {
-                continue;
-            };
-            if !data::wanted_by(o, &out.destinations) {
-                continue;
-            }
-            // Downstream data goes on the connection that carries media to
-            // the receiver: its own channels (single PC) or ours (dual PC).
-            let peer = o.send_peer();
-            let Some(id) = peer
-                .channels
-                .iter()
-                .find(|(_, l)| l == out.label)
-                .map(|(c, _)| *c)
-            else {
-                continue;
-            };
-            if let Some(mut ch) = peer.rtc.channel(id) {
-                if let Err(e) = ch.write(true, &out.bytes) {
-                    tracing::debug!(error = %e, "data packet not delivered");
-                }
-            }
-            Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, m);
-        }
+        self.fan_out_data(room, Some(key), &out);
     }
 
     pub(super) fn update_metadata(&mut self, key: usize, m: lk::UpdateParticipantMetadata) {

@@ -95,6 +95,10 @@ pub struct Room {
     pub empty_timeout_secs: u64,
     /// Subscribed video moved down or paused for bandwidth, so far.
     pub bwe_downgrades: u64,
+    /// Set by the server API (RoomService), sent to members in RoomUpdate.
+    pub metadata: String,
+    /// 0: no limit.
+    pub max_participants: u32,
 }
 
 impl Room {
@@ -107,8 +111,19 @@ impl Room {
             creation_time: self.created_at / 1000,
             creation_time_ms: self.created_at,
             num_participants: self.participants.len() as u32,
+            num_publishers: self.num_publishers(),
+            metadata: self.metadata.clone(),
+            max_participants: self.max_participants,
             ..Default::default()
         }
+    }
+
+    /// Participants with at least one published track.
+    fn num_publishers(&self) -> u32 {
+        let mut seen: Vec<usize> = self.tracks.iter().map(|(_, t)| t.publisher).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len() as u32
     }
 
     pub fn track_by_sid(&self, sid: &str) -> Option<usize> {
