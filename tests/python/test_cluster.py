@@ -282,3 +282,79 @@ def test_a_call_whose_node_dies_goes_on_on_the_surviving_lu_node(tmp_path, redis
     finally:
         for n in nodes.values():
             stop_moselle(n)
+
+
+def test_room_service_reaches_the_room_from_any_node_and_places_only_in_policy(tmp_path, redis_server):
+    """LiveKit's RoomService (livekit-api) on a Redis cluster: CreateRoom
+    asked of the DE node places the room on an LU node (and is refused while
+    no LU node runs); every other call, asked of any node, acts on the room
+    where it is."""
+    from livekit import api
+    from livekit.api.twirp_client import ServerError
+    from test_room_service import lkapi, record
+
+    _, redis_url = redis_server
+    nodes = {}
+    room = f"api-{time.time_ns()}"
+
+    def start(node_id: str, j: str):
+        d = tmp_path / node_id
+        d.mkdir()
+        nodes[node_id] = start_moselle(d, ["--config", _node_config(d, node_id, j, redis_url)])
+        return nodes[node_id]
+
+    async def scenario():
+        de = start("de-1", "DE")
+        await asyncio.sleep(1.5)  # first heartbeat
+        lk_de = lkapi(de)
+        try:
+            with pytest.raises(ServerError) as e:
+                await lk_de.room.create_room(api.CreateRoomRequest(name=room))
+            assert (e.value.code, e.value.status) == ("failed_precondition", 412), e.value
+            assert "LU" in e.value.message, e.value.message
+            start("lu-1", "LU")
+            start("lu-2", "LU")
+            await asyncio.sleep(1.5)
+            created = await lk_de.room.create_room(api.CreateRoomRequest(name=room, metadata="m1"))
+            assert created.name == room and created.metadata == "m1"
+            placed = [r for r in admin_rooms(de) if r["room"] == room]
+            assert len(placed) == 1 and placed[0]["jurisdiction"] == "LU", placed
+            home = nodes[placed[0]["node"]]
+            for n in nodes.values():
+                async with lkapi(n) as lk:
+                    listed = await lk.room.list_rooms(api.ListRoomsRequest(names=[room]))
+                    assert [(r.name, r.sid) for r in listed.rooms] == [(room, created.sid)], n.url
+
+            async with Client("A") as a:
+                record(a, "room_metadata_changed")
+                await a.connect(home.url, home.token("A", room))
+                other = next(n for k, n in nodes.items() if k != placed[0]["node"] and k != "de-1")
+                async with lkapi(other) as lk:
+                    await lk.room.update_room_metadata(api.UpdateRoomMetadataRequest(room=room, metadata="m2"))
+                await a.events.wait_for("room_metadata_changed", lambda old, new: new == "m2", 10,
+                                        "metadata set through the other LU node")
+                ps = await lk_de.room.list_participants(api.ListParticipantsRequest(room=room))
+                assert [p.identity for p in ps.participants] == ["A"]
+                await lk_de.room.remove_participant(api.RoomParticipantIdentity(room=room, identity="A"))
+                await a.events.wait_for("disconnected", timeout=10, what="A removed through the DE node")
+            await lk_de.room.delete_room(api.DeleteRoomRequest(room=room))
+            assert (await lk_de.room.list_rooms(api.ListRoomsRequest(names=[room]))).rooms == []
+            assert de.metric("api_forwarded_total") >= 4
+        finally:
+            await lk_de.aclose()
+
+    try:
+        run(scenario, timeout=90)
+    finally:
+        for n in nodes.values():
+            stop_moselle(n)
+
+
+def admin_rooms(node) -> list[dict]:
+    import json
+    import urllib.request
+    from livekit import api
+
+    tok = api.AccessToken(node.api_key, node.api_secret).with_grants(api.VideoGrants(room_list=True)).to_jwt()
+    req = urllib.request.Request(f"{node.http_url}/admin/rooms", headers={"Authorization": f"Bearer {tok}"})
+    return json.loads(urllib.request.urlopen(req, timeout=5).read())["rooms"]
