@@ -27,6 +27,8 @@ pub struct CallPage {
     /// Directory holding livekit-client's `dist/` files.
     pub assets_dir: PathBuf,
     pub token_ttl: Duration,
+    /// This node serves HTTPS itself: the page's signaling URL is `wss://`.
+    pub tls: bool,
 }
 
 pub fn router(page: CallPage) -> Router {
@@ -110,12 +112,14 @@ async fn token(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("localhost");
-    let scheme = match headers
+    let forwarded_https = headers
         .get("x-forwarded-proto")
         .and_then(|h| h.to_str().ok())
-    {
-        Some("https") => "wss",
-        _ => "ws",
+        == Some("https");
+    let scheme = if page.tls || forwarded_https {
+        "wss"
+    } else {
+        "ws"
     };
     Json(serde_json::json!({ "token": token, "url": format!("{scheme}://{host}") })).into_response()
 }

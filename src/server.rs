@@ -199,6 +199,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             key: key.clone(),
             assets_dir: cfg.call_page.assets_dir.clone(),
             token_ttl: Duration::from_secs(cfg.call_page.token_ttl_secs.max(60)),
+            tls: !cfg.server.tls_cert_file.is_empty(),
         })
     } else {
         None

@@ -3,6 +3,7 @@
 // call page driven like a person would drive it.
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
+import { get as httpsGet } from 'node:https';
 import { createRequire } from 'node:module';
 import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
 
@@ -70,7 +71,16 @@ export async function startServer(extraArgs = [], opts = {}) {
   }
 }
 
-async function startServerOnce(extraArgs, { host = HOST, ports = null, netns = null }) {
+/** GET `url` → status (null if unreachable); `ca` (PEM) trusts a test certificate. */
+function getStatus(url, ca) {
+  if (!ca) return fetch(url).then((r) => r.status).catch(() => null);
+  return new Promise((resolve) => {
+    const req = httpsGet(url, { ca }, (r) => { r.resume(); resolve(r.statusCode); });
+    req.on('error', () => resolve(null));
+  });
+}
+
+async function startServerOnce(extraArgs, { host = HOST, ports = null, netns = null, ca = null }) {
   const bin = process.env.MOSELLE_BIN || join(repo, 'target', 'debug', 'moselle');
   const httpPort = ports ? ports.http : await freePort();
   const udpPort = ports ? ports.udp : await freePort();
@@ -96,11 +106,11 @@ async function startServerOnce(extraArgs, { host = HOST, ports = null, netns = n
   proc.stderr.on('data', keep);
   let exited = null;
   proc.on('exit', (code) => { exited = code; });
-  const base = `http://${host}:${httpPort}`;
+  // `ca`: the server was given a certificate (its config) signed by it.
+  const base = `${ca ? 'https' : 'http'}://${host}:${httpPort}`;
   await waitFor('the server to answer /healthz', async () => {
     if (exited !== null) throw new Error(`moselle exited with ${exited}:\n${log.join('\n')}`);
-    const r = await fetch(`${base}/healthz`).catch(() => null);
-    return r && r.status === 200;
+    return (await getStatus(`${base}/healthz`, ca)) === 200;
   }, 10000, 100);
   return {
     base,
@@ -139,7 +149,7 @@ function toneWav(path, seconds = 5, rate = 48000, hz = 440) {
 /** Debian's Chromium, headless, with a fake camera and microphone. The
  * server's plain-HTTP origin is treated as secure so getUserMedia works.
  * `netns`: run it in that network namespace (the lab's other hosts). */
-export async function launchBrowser(server, { netns = null } = {}) {
+export async function launchBrowser(server, { netns = null, trustSpki = null } = {}) {
   return chromium.launch({
     executablePath: netns ? join(here, '..', 'browser-lab', 'chromium-in-netns.sh') : '/usr/bin/chromium',
     env: netns ? { ...process.env, MOSELLE_CHROMIUM_NETNS: netns } : process.env,
@@ -151,6 +161,8 @@ export async function launchBrowser(server, { netns = null } = {}) {
       '--allow-loopback-in-peer-connection', '--autoplay-policy=no-user-gesture-required',
       `--unsafely-treat-insecure-origin-as-secure=${server.base}`,
       `--use-file-for-fake-audio-capture=${toneWav(join(OUT, 'tone-440.wav'))}`,
+      // Trust exactly one test certificate's key, nothing else.
+      ...(trustSpki ? [`--ignore-certificate-errors-spki-list=${trustSpki}`] : []),
     ],
   });
 }
