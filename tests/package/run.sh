@@ -127,8 +127,8 @@ trap cleanup EXIT
 # releases only; --quiet drops that warning). Users build the release
 # package with plain `cargo deb`. cargo-deb strips a copy (46 MB), not the
 # test command's binary.
-say "cargo deb --profile dev --no-build"
-cargo deb --profile dev --no-build --fast --output "$work/" --quiet >/dev/null
+say "cargo deb --profile dev --no-build --no-dbgsym"
+cargo deb --profile dev --no-build --no-dbgsym --fast --output "$work/" --quiet >/dev/null
 deb=$(ls "$work"/moselle_*.deb)
 say "built $(basename "$deb") ($(du -h "$deb" | cut -f1))"
 
