@@ -22,6 +22,8 @@ command -v turnserver >/dev/null || need_apt+=(coturn)
 # The load generator encodes real Opus with the system libopus.
 [[ -f /usr/include/opus/opus.h ]] || need_apt+=(libopus-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# The Debian package test traces the installed server (tests/package/run.sh).
+command -v strace >/dev/null || need_apt+=(strace)
 if ((${#need_apt[@]})); then
     step "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -62,6 +64,9 @@ cargo test --workspace
 # --- Real clients ----------------------------------------------------------
 step "conformance: LiveKit Python SDK"
 MOSELLE_BIN="$root/target/debug/moselle" tests/python/run.sh -q
+
+step "Debian package: cargo-deb, dpkg -i, a call through the installed node, purge"
+tests/package/run.sh
 
 step "browser: livekit-client in headless Chromium"
 MOSELLE_BIN="$root/target/debug/moselle" tests/netns.sh node --test tests/browser/

@@ -117,7 +117,10 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
                 .context("cannot watch for SIGHUP (TLS reload)")?;
             Some(slot)
         }
-        None => None,
+        None => {
+            crate::tls::ignore_sighup().context("cannot watch for SIGHUP")?;
+            None
+        }
     };
     let me = NodeInfo {
         id: cfg.server.node_id.clone(),

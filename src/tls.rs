@@ -91,6 +91,19 @@ pub fn reload_on_sighup(files: TlsFiles, slot: Slot) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Without TLS there is nothing to re-read, but `systemctl reload moselle`
+/// (the unit's `kill -HUP`) must not end the node, as SIGHUP's default would.
+pub fn ignore_sighup() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: no TLS certificate to reload");
+        }
+    });
+    Ok(())
+}
+
 /// The HTTP listener with TLS in front: what `axum::serve` accepts.
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
