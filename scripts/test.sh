@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 
-step() { printf '\n=== %s\n' "$*"; }
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)"; }
 
 # --- system packages -------------------------------------------------------
 need_apt=()
@@ -84,4 +84,4 @@ step "connectivity: Chromium with UDP blocked, and through an HTTP proxy with TU
 MOSELLE_BIN="$root/target/debug/moselle" tests/netlab.sh node --test --test-concurrency=1 tests/browser-lab/
 
 echo
-echo "all tests passed"
+echo "all tests passed ($(date +%T))"
