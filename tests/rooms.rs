@@ -117,3 +117,44 @@ async fn gauges_sum_over_workers() {
     assert_eq!(metric(s.addr, "moselle_rooms").await, 3);
     assert_eq!(metric(s.addr, "moselle_participants").await, 4);
 }
+
+/// A client that gives up while its join is still being answered (Element
+/// Call drops its probe connection when its own token arrives; the HTTP
+/// server then drops the request) leaves no participant behind: the join
+/// the media engine made for it is undone, although no socket ever came up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_abandoned_before_the_upgrade_leaves_no_ghost() {
+    use tokio::io::AsyncWriteExt;
+    let s = start_with(|c| {
+        c.room.resume_window_secs = 20;
+        c.room.departure_timeout_secs = 1;
+    })
+    .await;
+    let (_a, _) = join(s.addr, &token("abandon", "alice")).await;
+    for i in 0..40 {
+        let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            v1_path(),
+            s.addr,
+            token("abandon", &format!("probe-{i}"))
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        drop(tcp); // gone before any answer
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let n = metric(s.addr, "moselle_participants").await;
+        if n == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} abandoned joins are kept as participants",
+            n - 1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -35,6 +35,7 @@ use super::admin::{AdminError, AdminOp, AdminReply};
 use super::downlink::WIRE_OVERHEAD;
 use super::fallback::{Fallbacks, Offers, Rung};
 use super::forward::{Layer, Verdict};
+use super::handle::Link;
 use super::participant::{Downlink, Participant, PcRole, Peer, SubscriberPeer};
 use super::room::{now_ms, Room, MAX_LAYERS};
 use super::sdp::Kind;
@@ -104,7 +105,12 @@ pub enum Command {
         /// Placement put the room on this node: it may be opened even
         /// without auto-create or a roomCreate grant.
         placed_here: bool,
-        reply: oneshot::Sender<Result<(usize, u64), Refusal>>,
+        /// This worker's own queue, for the session's [`Link`].
+        commands: mpsc::UnboundedSender<Command>,
+        /// The session's link, or the refusal. A link the requester never
+        /// takes (the client gave up and the HTTP server dropped its
+        /// request mid-join) is dropped unused and closes the session.
+        reply: oneshot::Sender<Result<Link, Refusal>>,
     },
     /// Open a room ahead of its first join (idempotent).
     OpenRoom {
@@ -852,9 +858,16 @@ impl Core {
                 ticket,
                 out,
                 placed_here,
+                commands,
                 reply,
             } => {
-                let r = self.join(*ticket, out, placed_here);
+                // The link goes out at once: from here on, dropping it
+                // anywhere (with the reply unsent, or with a request
+                // cancelled before it read the reply) queues Closed, and
+                // the participant, which never connected, is removed.
+                let r = self
+                    .join(*ticket, out, placed_here)
+                    .map(|(key, gen)| Link::new(commands, key, gen));
                 let _ = reply.send(r);
             }
             Command::OpenRoom { room, reply } => {

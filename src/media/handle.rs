@@ -195,10 +195,19 @@ fn room_not_found() -> Refusal {
     )
 }
 
-struct Link {
+/// A signaling session's hold on its participant: messages go through it,
+/// and dropping it (the socket ended, or the join was abandoned before the
+/// socket came up) tells the engine the session is gone.
+pub struct Link {
     commands: mpsc::UnboundedSender<Command>,
     key: usize,
     gen: u64,
+}
+
+impl Link {
+    pub(super) fn new(commands: mpsc::UnboundedSender<Command>, key: usize, gen: u64) -> Link {
+        Link { commands, key, gen }
+    }
 }
 
 impl SessionLink for Link {
@@ -294,15 +303,15 @@ impl Backend for MediaHandle {
                     ticket: Box::new(ticket),
                     out,
                     placed_here,
+                    commands: worker.clone(),
                     reply,
                 })
                 .map_err(|_| unavailable())?;
-            let (key, gen) = wait.await.map_err(|_| unavailable())??;
-            Ok(Box::new(Link {
-                commands: worker.clone(),
-                key,
-                gen,
-            }) as Box<dyn SessionLink>)
+            // Cancel-safe: if this future is dropped while waiting (the
+            // client closed its connection), the engine's link is dropped
+            // with the reply and the participant it made is removed.
+            let link = wait.await.map_err(|_| unavailable())??;
+            Ok(Box::new(link) as Box<dyn SessionLink>)
         })
     }
 }

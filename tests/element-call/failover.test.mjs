@@ -58,6 +58,13 @@ test('Element Call: the node holding the call is killed (kill -9); the call come
     // Decoding stops, then comes back on both sides.
     const seen = {};
     const last = { alice: await frames(alice), bob: await frames(bob) };
+    // On a timeout, where the video stops: packets and frames received
+    // (the SFU forwards) against frames decoded (keyframes, E2EE), per side.
+    const whereStuck = async () => JSON.stringify(Object.fromEntries(await Promise.all([['alice', alice], ['bob', bob]].map(async ([name, u]) => {
+      const s = await u.inbound().catch(() => null);
+      const pick = ({ packets, bytes, framesReceived, framesDecoded, keyFramesDecoded, pli, fir, width }) => ({ packets, bytes, framesReceived, framesDecoded, keyFramesDecoded, pli, fir, width });
+      return [name, s && { video: s.video.map(pick), audio: s.audio.map(({ packets, energy }) => ({ packets, energy })), receivers: s.receivers, e2ee: s.e2ee }];
+    }))));
     await waitFor('both to decode each other\'s video again after the kill', async () => {
       for (const [name, u] of [['alice', alice], ['bob', bob]]) {
         const f = await frames(u).catch(() => 0);
@@ -66,7 +73,11 @@ test('Element Call: the node holding the call is killed (kill -9); the call come
         last[name] = f;
       }
       return seen.aliceBack !== undefined && seen.bobBack !== undefined;
-    }, 90000, 200);
+    }, 90000, 200).catch(async (e) => {
+      const a = await whereStuck();
+      await sleep(2000);
+      throw new Error(`${e.message}; inbound now ${a}, 2 s later ${await whereStuck()}; seen ${JSON.stringify(seen)}`);
+    });
     const aWin = await seesAndHears(alice, 1, 'Alice to see and hear Bob again, on the surviving node');
     const bWin = await seesAndHears(bob, 1, 'Bob to see and hear Alice again, on the surviving node');
     const fluentAt = Date.now();
