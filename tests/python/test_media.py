@@ -42,7 +42,43 @@ async def frames_decoded(pub) -> int:
     return 0
 
 
-async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0, pub=None, peer=None) -> None:
+async def sender_diag(sender) -> str:
+    """What the publisher's own encoder says of each layer: its size, its
+    target bitrate and why libwebrtc limits it (cpu, bandwidth), with the
+    estimate of its uplink; tells a publisher held back from slow forwarding."""
+    if sender is None:
+        return ""
+    parts, avail = [], None
+    for x in await sender.track.get_stats():
+        kind = x.WhichOneof("stats")
+        if kind == "outbound_rtp":
+            o = x.outbound_rtp.outbound
+            reason = rtc.stats.QualityLimitationReason.Name(o.quality_limitation_reason)
+            parts.append(f"{o.rid or '-'}: {o.frame_width}x{o.frame_height} target {o.target_bitrate / 1000:.0f} kbit/s "
+                         f"limited by {reason}")
+        elif kind == "candidate_pair" and x.candidate_pair.candidate_pair.nominated:
+            avail = x.candidate_pair.candidate_pair.available_outgoing_bitrate
+    est = f"; uplink estimate {avail / 1000:.0f} kbit/s" if avail else ""
+    return f" (publisher: {'; '.join(sorted(parts))}{est})"
+
+
+async def wait_sender_size(sender, size: tuple[int, int], timeout: float = 20.0) -> None:
+    """Wait until the publisher's own encoder sends a layer of `size`: how
+    soon it does is libwebrtc's (its CPU and uplink estimate), not ours."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for x in await sender.track.get_stats():
+            if x.WhichOneof("stats") == "outbound_rtp":
+                o = x.outbound_rtp.outbound
+                if (o.frame_width, o.frame_height) == size and x.outbound_rtp.sent.packets_sent > 0:
+                    return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the publisher never encoded a {size[0]}x{size[1]} layer within {timeout:.0f}s"
+                         f"{await sender_diag(sender)}")
+
+
+async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0, pub=None, peer=None,
+                    sender=None) -> None:
     """Wait until the last decoded frame has `size`, then for a 2 s window
     in which at least 5 more are decoded. The first window after a switch
     can fall short for reasons outside the server (a loaded machine, an
@@ -50,11 +86,14 @@ async def wait_size(st, size: tuple[int, int], who: str, timeout: float = 10.0, 
     stall that lasts still fails. `peer`: another subscriber's publication
     of the same track, counted over the same window, so a failure tells a
     slow publisher from slow forwarding."""
-    await wait_until(
-        lambda: (st.width, st.height) == size,
-        timeout,
-        lambda: f"{who}: expected decoded frames of {size[0]}x{size[1]} within {timeout:.0f}s; got {st.describe()}",
-    )
+    try:
+        await wait_until(
+            lambda: (st.width, st.height) == size,
+            timeout,
+            lambda: f"{who}: expected decoded frames of {size[0]}x{size[1]} within {timeout:.0f}s; got {st.describe()}",
+        )
+    except AssertionError as e:
+        raise AssertionError(f"{e}{await sender_diag(sender)}") from None
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         p0 = await frames_decoded(peer) if peer is not None else 0
@@ -108,7 +147,8 @@ def test_simulcast_layer_per_subscriber(server, pc_mode):
             bst, cst = b.probe.video[vpub.sid], c.probe.video[vpub.sid]
             bpub = b.room.remote_participants["A"].track_publications[vpub.sid]
             cpub = c.room.remote_participants["A"].track_publications[vpub.sid]
-            await wait_size(bst, (W, H), "B (default: top layer)", pub=bpub, peer=cpub)
+            await wait_sender_size(vpub, (W, H))
+            await wait_size(bst, (W, H), "B (default: top layer)", pub=bpub, peer=cpub, sender=vpub)
 
             sizes = {}
             for q, name in ((rtc.VideoQuality.VIDEO_QUALITY_LOW, "LOW"), (rtc.VideoQuality.VIDEO_QUALITY_MEDIUM, "MEDIUM")):
