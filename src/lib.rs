@@ -5,6 +5,8 @@ pub mod api;
 pub mod callpage;
 pub mod cluster;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod matrix;
 pub mod media;

@@ -191,6 +191,22 @@ struct SfuGet {
     delay_cs_api_url: Option<String>,
 }
 
+/// For the fuzz target (`crate::fuzzing`): a body read as each endpoint
+/// reads it, and the names derived from what it carries.
+#[doc(hidden)]
+pub fn fuzz_bodies(data: &[u8]) {
+    if let Ok(b) = serde_json::from_slice::<GetToken>(data) {
+        let _ = names::room_name(&b.room_id, &b.slot_id);
+        if let Some(m) = &b.member {
+            let _ = names::identity(&m.claimed_user_id, &m.claimed_device_id, &m.id);
+        }
+    }
+    if let Ok(b) = serde_json::from_slice::<SfuGet>(data) {
+        let _ = names::legacy_identity(&b.room, &b.device_id);
+    }
+    let _ = serde_json::from_slice::<DelegateLeave>(data);
+}
+
 pub fn router(svc: Arc<TokenService>) -> Router {
     Router::new()
         .route("/get_token", post(get_token))

@@ -614,6 +614,31 @@ impl TcpConns {
     }
 }
 
+/// For the fuzz target (`crate::fuzzing`): `data` read in pieces of the
+/// sizes its first byte picks, cut into frames as a connection's are.
+#[doc(hidden)]
+pub fn fuzz_frames(data: &[u8]) {
+    let Some((&chunk, rest)) = data.split_first() else {
+        return;
+    };
+    let chunk = usize::from(chunk).max(1);
+    let mut f = Frames::default();
+    let mut src = rest;
+    loop {
+        match f.read_from(&mut src, chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        loop {
+            match f.next() {
+                Ok(Some(r)) => assert!(r.end <= f.buf.len() && r.len() <= MAX_FRAME),
+                Ok(None) => break,
+                Err(BadFrame) => return,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
