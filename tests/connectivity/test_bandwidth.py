@@ -61,7 +61,7 @@ def test_python_subscriber_on_a_weak_link_gets_lower_layers_then_a_pause_with_au
     async def scenario():
         sub = Client("bob")
         try:
-            line = await asyncio.to_thread(publisher.stdout.readline)
+            line = await asyncio.wait_for(asyncio.to_thread(publisher.stdout.readline), 30)
             assert line.strip() == "connected", f"publisher process: {line!r}"
             await sub.connect(server.url, server.token("bob", room))
 
@@ -76,8 +76,10 @@ def test_python_subscriber_on_a_weak_link_gets_lower_layers_then_a_pause_with_au
             def describe() -> str:
                 return f"{video().describe() if video() else 'no video'}; {audio().describe() if audio() else 'no audio'}"
 
+            t = time.monotonic()
             await wait_until(lambda: video() is not None and video().width == W, 45,
                              lambda: f"bob should receive alice's top layer on an open link: {describe()}")
+            notes.append(f"open link: top layer {time.monotonic() - t:.1f} s after bob joined")
             down0 = server.metric("bandwidth_downgrades_total")
 
             async def over(seconds: float) -> dict:
@@ -132,7 +134,8 @@ def test_python_subscriber_on_a_weak_link_gets_lower_layers_then_a_pause_with_au
             await sub.aclose()
 
     try:
-        run(scenario, timeout=240)
+        # Above the sum of the steps' own limits, so a stalled step names itself.
+        run(scenario, timeout=330)
     finally:
         publisher.kill()
         publisher.wait()
