@@ -90,11 +90,7 @@ async fn admin_rooms(
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     use moselle_signaling::Backend;
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let token = moselle_signaling::routes::bearer_token(&headers).unwrap_or("");
     let claims = match s.media.keys().verify(token) {
         Ok(c) => c,
         Err(e) => {

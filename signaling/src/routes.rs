@@ -42,20 +42,19 @@ fn refuse(r: &Refusal) -> Response {
         .into_response()
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
 fn bearer(headers: &HeaderMap, q: &HashMap<String, String>) -> String {
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        let v = v.trim();
-        if let Some(t) = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-        {
-            return t.trim().to_string();
-        }
+    match bearer_token(headers) {
+        Some(t) => t.to_string(),
+        None => q.get("access_token").cloned().unwrap_or_default(),
     }
-    q.get("access_token").cloned().unwrap_or_default()
 }
 
 /// Token, query and room checks shared by the upgrade and `/validate`.

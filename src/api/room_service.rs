@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -72,16 +72,12 @@ async fn call(
 }
 
 fn authenticate(api: &Api, headers: &HeaderMap) -> Result<Claims, TwirpError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            TwirpError::new(
-                Code::Unauthenticated,
-                "no access token (Authorization: Bearer <token>)",
-            )
-        })?;
+    let token = moselle_signaling::routes::bearer_token(headers).ok_or_else(|| {
+        TwirpError::new(
+            Code::Unauthenticated,
+            "no access token (Authorization: Bearer <token>)",
+        )
+    })?;
     use moselle_signaling::Backend;
     api.media
         .keys()

@@ -228,19 +228,7 @@ impl Core {
     ) -> Result<lk::ParticipantInfo, AdminError> {
         let key = self.member(&req.room, &req.identity)?;
         let p = &mut self.parts[key];
-        if !req.name.is_empty() {
-            p.name = req.name;
-        }
-        if !req.metadata.is_empty() {
-            p.metadata = req.metadata;
-        }
-        for (k, v) in req.attributes {
-            if v.is_empty() {
-                p.attributes.remove(&k);
-            } else {
-                p.attributes.insert(k, v);
-            }
-        }
+        p.apply_update(req.name, req.metadata, req.attributes);
         if let Some(perm) = req.permission {
             let revoke_publish = !perm.can_publish;
             let revoke_subscribe = !perm.can_subscribe;

@@ -217,6 +217,30 @@ pub struct Participant {
 }
 
 impl Participant {
+    /// Name, metadata and attributes as LiveKit updates them: an empty
+    /// name or metadata leaves it as it is; an attribute set to "" is
+    /// removed.
+    pub fn apply_update(
+        &mut self,
+        name: String,
+        metadata: String,
+        attributes: std::collections::HashMap<String, String>,
+    ) {
+        if !name.is_empty() {
+            self.name = name;
+        }
+        if !metadata.is_empty() {
+            self.metadata = metadata;
+        }
+        for (k, v) in attributes {
+            if v.is_empty() {
+                self.attributes.remove(&k);
+            } else {
+                self.attributes.insert(k, v);
+            }
+        }
+    }
+
     pub fn peer_mut(&mut self, role: PcRole) -> Option<&mut Peer> {
         match role {
             PcRole::Main => Some(&mut self.peer),

@@ -52,19 +52,7 @@ impl Core {
             );
             return;
         }
-        if !m.name.is_empty() {
-            p.name = m.name;
-        }
-        if !m.metadata.is_empty() {
-            p.metadata = m.metadata;
-        }
-        for (k, v) in m.attributes {
-            if v.is_empty() {
-                p.attributes.remove(&k);
-            } else {
-                p.attributes.insert(k, v);
-            }
-        }
+        p.apply_update(m.name, m.metadata, m.attributes);
         self.broadcast_participant(key, true);
         if let Some(p) = self.parts.get_mut(key) {
             p.send(Resp::RequestResponse(lk::RequestResponse {
