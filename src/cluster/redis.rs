@@ -263,17 +263,9 @@ impl RedisRegistry {
         Ok(jobs.unwrap_or_default())
     }
 
+    /// The live node holding `room`, if any.
     pub async fn locate(&self, room: &str) -> Result<Option<NodeInfo>, PlacementError> {
-        let mut c = self.conn.clone();
-        let id: Option<String> = redis::cmd("GET")
-            .arg(format!("{PREFIX}room:{room}"))
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        match id {
-            Some(v) => Ok(self.node(untag(&v).0).await?.map(|n| n.0)),
-            None => Ok(None),
-        }
+        Ok(self.placement(room).await?.and_then(|p| p.live))
     }
 
     /// Every node heartbeating now.
