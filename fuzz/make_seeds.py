@@ -3,8 +3,10 @@ clients use: SignalRequests and JoinRequests encoded by LiveKit's own
 protocol package, access tokens minted by livekit-api, an SDP offer in the
 shape libwebrtc makes (one audio, one three-layer simulcast video section),
 token-service bodies shaped as Element Call sends them, the shipped
-configs, and RoomService bodies in both Twirp encodings. (Not captured from
-a live call: the SDKs do not expose their wire bytes.)
+configs, RoomService bodies in both Twirp encodings, and datagrams: a DTLS
+ClientHello as OpenSSL sends it, STUN, RTP and RTCP in libwebrtc's shapes.
+(Not captured from a live call: the SDKs do not expose their wire bytes, and
+media after the handshake is encrypted.)
 
     .venv/bin/python fuzz/make_seeds.py   # writes fuzz/seeds/<target>/"""
 
@@ -99,6 +101,30 @@ def stun_binding(ufrag: str) -> bytes:
     return struct.pack("!HHI12s", 0x0001, len(attr), 0x2112A442, b"\x01" * 12) + attr
 
 
+def dtls_client_hello() -> bytes:
+    """The first datagram of a DTLS 1.2 handshake, as OpenSSL sends it to a UDP socket here."""
+    import socket
+    import subprocess
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(10)
+        port = s.getsockname()[1]
+        client = subprocess.Popen(["openssl", "s_client", "-dtls1_2", "-connect", f"127.0.0.1:{port}"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            return s.recv(2048)
+        finally:
+            client.kill()
+            client.wait()
+
+
+def rtp(pt: int, seq: int, ssrc: int, payload: bytes, marker: bool = False) -> bytes:
+    """An RTP packet with the one-byte header extensions libwebrtc sends (audio level, TWCC)."""
+    ext = bytes([0x10, 0x80, 0x30, 0x00, 0x01]) + b"\0" * 3
+    header = struct.pack("!BBHII", 0x90, pt | (0x80 if marker else 0), seq, 90000 + seq * 3000, ssrc)
+    return header + struct.pack("!HH", 0xBEDE, len(ext) // 4) + ext + payload
+
+
 def main() -> None:
     # Signaling frames, binary and JSON.
     reqs = {
@@ -152,6 +178,20 @@ def main() -> None:
     write("keyframe", "h264-fu-a", bytes([0x7c, 0x85, 0x88, 0x84]))
 
     write("stun_ufrag", "binding", stun_binding("abcd"))
+
+    # The engine's datagram entry: the first byte picks the source (bit 0:
+    # the participant's path, else a stranger) and bit 1 TCP framing.
+    hello = dtls_client_hello()
+    vp8_key = bytes([0x90, 0x80, 0x00, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0xe0, 0x01]) + b"\x55" * 40
+    rr = struct.pack("!BBHI", 0x81, 201, 7, 1) + struct.pack("!IIIIII", 0x1234, 0, 10, 0, 0, 0)
+    pli = struct.pack("!BBHII", 0x81, 206, 2, 1, 0x1234)
+    twcc = struct.pack("!BBHII", 0x8F, 205, 5, 1, 0x1234) + struct.pack("!HHI", 1, 2, 0x000100) \
+        + struct.pack("!HBB", 0x2002, 4, 4)
+    for pick, where in ((0, "stranger"), (1, "peer"), (3, "peer-tcp")):
+        write("datagram", f"{where}-stun", bytes([pick]) + stun_binding("abcd"))
+        write("datagram", f"{where}-dtls-hello", bytes([pick]) + hello)
+        write("datagram", f"{where}-rtp-vp8", bytes([pick]) + rtp(96, 1, 0x1234, vp8_key, marker=True))
+        write("datagram", f"{where}-rtcp", bytes([pick]) + rr + pli + twcc)
     write("rfc4571", "two-frames", bytes([7]) + struct.pack("!H", len(stun_binding("abcd"))) + stun_binding("abcd")
           + b"\x00\x03abc")
 

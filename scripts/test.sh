@@ -61,6 +61,11 @@ cargo build --workspace --all-targets
 step "cargo test"
 cargo test --workspace
 
+# libFuzzer on every parser and the engine's datagram entry, a few seconds
+# each from the seeds (scripts/fuzz.sh SECONDS runs them for longer).
+step "fuzz: each target for 3 s (scripts/fuzz.sh --dev 3)"
+scripts/fuzz.sh --dev 3
+
 # --- Real clients ----------------------------------------------------------
 step "conformance: LiveKit Python SDK"
 MOSELLE_BIN="$root/target/debug/moselle" tests/python/run.sh -q

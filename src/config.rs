@@ -24,6 +24,7 @@ pub struct Config {
     pub keys_file: Option<std::path::PathBuf>,
     pub room: RoomConfig,
     pub rtc: RtcConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
     pub call_page: CallPageConfig,
     pub matrix: MatrixConfig,
@@ -154,6 +155,19 @@ pub struct RoomConfig {
     pub departure_timeout_secs: u64,
     pub max_participants: u32,
     pub resume_window_secs: u64,
+}
+
+/// What one participant may do (see `[limits]` in config/moselle.toml);
+/// 0 turns a limit off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub tracks_per_participant: usize,
+    pub metadata_bytes: usize,
+    pub attributes_bytes: usize,
+    pub data_packet_bytes: usize,
+    pub data_packets_per_sec: u32,
+    pub signal_requests_per_sec: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -8,6 +8,7 @@ use livekit_protocol as lk;
 use prost::Message;
 
 use crate::api::twirp::Format;
+use crate::media::datagram_harness::DatagramHarness;
 use crate::media::{keyframe, sdp};
 use crate::transport::stun;
 
@@ -110,4 +111,22 @@ pub fn twirp(data: &[u8]) {
         let _ = fmt.decode::<lk::UpdateSubscriptionsRequest>(data);
         let _ = fmt.decode::<lk::ListRoomsRequest>(data);
     }
+}
+
+/// The engine's datagram entry: arbitrary bytes from a stranger, or from
+/// a participant's path (see [`DatagramHarness::feed`]).
+pub fn datagram(data: &[u8]) {
+    thread_local! {
+        static HARNESS: std::cell::RefCell<Option<DatagramHarness>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    HARNESS.with(|h| {
+        let mut h = h.borrow_mut();
+        if h.is_none() {
+            *h = Some(DatagramHarness::new().expect("the fuzz harness binds a loopback socket"));
+        }
+        if let Some(h) = h.as_mut() {
+            h.feed(data);
+        }
+    });
 }

@@ -4,6 +4,36 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// A per-participant limit (`[limits]`), the label of its refusals.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    Tracks,
+    Metadata,
+    Attributes,
+    DataSize,
+    DataRate,
+}
+
+impl Limit {
+    const ALL: [Limit; 5] = [
+        Limit::Tracks,
+        Limit::Metadata,
+        Limit::Attributes,
+        Limit::DataSize,
+        Limit::DataRate,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Tracks => "tracks",
+            Limit::Metadata => "metadata",
+            Limit::Attributes => "attributes",
+            Limit::DataSize => "data_size",
+            Limit::DataRate => "data_rate",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct MediaCounters {
     pub udp_datagrams_in: AtomicU64,
@@ -34,6 +64,8 @@ pub struct MediaCounters {
     pub room_bandwidth: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
     pub sdp_errors: AtomicU64,
     pub signal_errors: AtomicU64,
+    /// Refusals per [`Limit`].
+    pub limit_refusals: [AtomicU64; 5],
     pub rooms: AtomicU64,
     pub participants: AtomicU64,
     pub tracks: AtomicU64,
@@ -64,6 +96,10 @@ impl MediaCounters {
 
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    pub fn refused(&self, limit: Limit) {
+        Self::add(&self.limit_refusals[limit as usize], 1);
     }
 
     fn snapshot(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
@@ -240,6 +276,7 @@ pub fn render(media: &MediaCounters, signal: &moselle_signaling::SignalCounters)
         );
     }
     render_rooms(&mut s, media);
+    render_limits(&mut s, media, signal);
     render_counters(&mut s, signal.snapshot());
     render_process(&mut s);
     s
@@ -276,6 +313,25 @@ fn render_rooms(s: &mut String, media: &MediaCounters) {
             let _ = writeln!(s, "moselle_{name}{{room=\"{}\"}} {v}", label(room));
         }
     }
+}
+
+/// Refusals by limit; signaling's own rate limit is one of them.
+fn render_limits(
+    s: &mut String,
+    media: &MediaCounters,
+    signal: &moselle_signaling::SignalCounters,
+) {
+    let name = "moselle_limit_refusals_total";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Requests refused for a per-participant limit ([limits])\n# TYPE {name} counter"
+    );
+    for l in Limit::ALL {
+        let v = MediaCounters::get(&media.limit_refusals[l as usize]);
+        let _ = writeln!(s, "{name}{{limit=\"{}\"}} {v}", l.label());
+    }
+    let v = signal.rate_limited.load(Ordering::Relaxed);
+    let _ = writeln!(s, "{name}{{limit=\"signal_rate\"}} {v}");
 }
 
 /// The standard Prometheus process metrics, so a load generator (or an

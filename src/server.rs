@@ -99,6 +99,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
             .downlink_bwe
             .then(|| str0m::bwe::Bitrate::kbps(cfg.rtc.bwe_initial_kbps.max(30))),
         webhooks: crate::webhook::start(&cfg.webhook, &KeySet::new(cfg.keys.clone()))?,
+        limits: cfg.limits.clone(),
     };
     let listener = tokio::net::TcpListener::bind((cfg.server.bind, cfg.server.http_port))
         .await

@@ -71,6 +71,11 @@ pub trait Backend: Send + Sync + 'static {
     fn ping_timeout_secs(&self) -> u64 {
         15
     }
+    /// Signaling messages a session may send: (per second, burst); 0: no
+    /// limit.
+    fn signal_rate(&self) -> (u32, u32) {
+        (100, 200)
+    }
 }
 
 /// Signaling counters, exported by the binary's metrics endpoint.
@@ -84,6 +89,7 @@ pub struct SignalCounters {
     pub bad_frames: AtomicU64,
     pub unknown_messages: AtomicU64,
     pub oversized_frames: AtomicU64,
+    pub rate_limited: AtomicU64,
     pub ping_timeouts: AtomicU64,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
@@ -127,6 +133,11 @@ impl SignalCounters {
                 "signal_bad_frames_total",
                 "WebSocket frames that did not decode",
                 g(&self.bad_frames),
+            ),
+            (
+                "signal_rate_limited_total",
+                "Signal requests refused for coming faster than the session's rate limit",
+                g(&self.rate_limited),
             ),
             (
                 "signal_unknown_messages_total",

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod ids;
 pub mod join;
+pub mod rate;
 pub mod routes;
 pub mod session;
 pub mod token;

@@ -12,6 +12,7 @@ use lk::signal_response::Message as Resp;
 use prost::Message as _;
 
 use crate::backend::{Backend, OutboundRx, Outgoing, SessionLink, SignalCounters};
+use crate::rate::TokenBucket;
 
 /// Undecodable frames tolerated before the session is closed.
 const MAX_STRIKES: u32 = 16;
@@ -61,6 +62,8 @@ pub async fn run_session(
     let mut strikes = 0u32;
     let silence = Duration::from_secs(ping_timeout_secs.max(1));
     let mut close: Option<(u16, &'static str)> = None;
+    let (per_sec, burst) = backend.signal_rate();
+    let mut rate = TokenBucket::new(per_sec, burst, std::time::Instant::now());
 
     loop {
         tokio::select! {
@@ -127,6 +130,23 @@ pub async fn run_session(
                     }
                 };
                 SignalCounters::inc(&counters.messages_in);
+                // Over the rate: refused, and a strike (a flood ends the
+                // session). Pings pass, so a limited client is not also
+                // timed out.
+                let is_ping = matches!(msg, Req::Ping(_) | Req::PingReq(_));
+                if !is_ping && !rate.take(std::time::Instant::now()) {
+                    SignalCounters::inc(&counters.rate_limited);
+                    let why = format!("signal request refused: over {per_sec} requests per second");
+                    let refused = Resp::RequestResponse(lk::RequestResponse {
+                        reason: lk::request_response::Reason::LimitExceeded as i32,
+                        message: why,
+                        ..Default::default()
+                    });
+                    if reply(&mut sink, refused, enc).await.is_err() { break; }
+                    strikes += 1;
+                    if strikes > MAX_STRIKES { close = Some((1008, "signal request rate limit exceeded")); break; }
+                    continue;
+                }
                 match msg {
                     Req::Ping(_) => {
                         if reply(&mut sink, Resp::Pong(now_ms()), enc).await.is_err() { break; }

@@ -23,6 +23,7 @@ use lk::signal_response::Message as Resp;
 use moselle_signaling::backend::{JoinTicket, OutboundTx, Outgoing, Refusal};
 use moselle_signaling::ids;
 use moselle_signaling::join::Flavor;
+use moselle_signaling::rate::TokenBucket;
 use slab::Slab;
 use str0m::media::KeyframeRequestKind;
 use str0m::net::TcpType;
@@ -36,7 +37,7 @@ use super::downlink::WIRE_OVERHEAD;
 use super::fallback::{Fallbacks, Offers, Rung};
 use super::forward::{Layer, Verdict};
 use super::handle::Link;
-use super::participant::{Downlink, Participant, PcRole, Peer, SubscriberPeer};
+use super::participant::{self, Downlink, Participant, PcRole, Peer, SubscriberPeer};
 use super::room::{now_ms, Room, MAX_LAYERS};
 use super::sdp::Kind;
 use crate::metrics::MediaCounters;
@@ -96,6 +97,8 @@ pub struct EngineConfig {
     pub bwe_initial: Option<str0m::bwe::Bitrate>,
     /// Where room, participant and track events go as webhooks, if any.
     pub webhooks: Option<crate::webhook::Sink>,
+    /// What one participant may do.
+    pub limits: crate::config::LimitsConfig,
 }
 
 pub enum Command {
@@ -189,28 +192,7 @@ pub fn run(
         let _enter = rt.enter();
         inlet.attach()?
     };
-    let cfg_memory = cfg.fallback_memory;
-    let mut core = Core {
-        cfg,
-        io,
-        rooms: Slab::new(),
-        room_by_name: HashMap::new(),
-        parts: Slab::new(),
-        dirty: Vec::new(),
-        is_dirty: Vec::new(),
-        events: Vec::with_capacity(64),
-        due: Vec::new(),
-        counters,
-        directory,
-        next_gen: 1,
-        next_housekeeping: Instant::now() + HOUSEKEEPING,
-        n_rtp_in: 0,
-        n_fwd: 0,
-        n_fwd_bytes: 0,
-        gauges: [0; 4],
-        next_quality: Instant::now() + QUALITY_INTERVAL,
-        fallbacks: Fallbacks::new(cfg_memory),
-    };
+    let mut core = Core::new(cfg, io, counters, directory);
     rt.block_on(async move {
         loop {
             let deadline = core.next_deadline();
@@ -244,6 +226,36 @@ impl Sink<PeerRef> for Core {
 }
 
 impl Core {
+    pub(super) fn new(
+        cfg: EngineConfig,
+        io: Transport<PeerRef>,
+        counters: Arc<MediaCounters>,
+        directory: Directory,
+    ) -> Core {
+        let fallbacks = Fallbacks::new(cfg.fallback_memory);
+        Core {
+            cfg,
+            io,
+            rooms: Slab::new(),
+            room_by_name: HashMap::new(),
+            parts: Slab::new(),
+            dirty: Vec::new(),
+            is_dirty: Vec::new(),
+            events: Vec::with_capacity(64),
+            due: Vec::new(),
+            counters,
+            directory,
+            next_gen: 1,
+            next_housekeeping: Instant::now() + HOUSEKEEPING,
+            n_rtp_in: 0,
+            n_fwd: 0,
+            n_fwd_bytes: 0,
+            gauges: [0; 4],
+            next_quality: Instant::now() + QUALITY_INTERVAL,
+            fallbacks,
+        }
+    }
+
     /// Bring the shared gauges up to date with this worker's counts (each
     /// worker adds its own share, so they sum over workers).
     pub(super) fn publish_gauges(&mut self) {
@@ -267,7 +279,7 @@ impl Core {
     }
 
     /// End of a loop turn: due timers, then output.
-    fn turn(&mut self) {
+    pub(super) fn turn(&mut self) {
         self.timeouts(Instant::now());
         self.flush();
     }
@@ -1054,6 +1066,17 @@ impl Core {
             let _ = out.try_send(Outgoing::Close);
             return Ok((usize::MAX, 0));
         }
+        // What the client itself asks to carry (the token's own metadata is
+        // the operator's, not limited).
+        let client_attributes = participant::attributes_bytes(&HashMap::new(), &options.attributes);
+        if let Some((limit, why)) = participant::exceeds(
+            options.metadata.as_deref().unwrap_or(""),
+            client_attributes,
+            &self.cfg.limits,
+        ) {
+            self.counters.refused(limit);
+            return Err(refusal(StatusCode::BAD_REQUEST, "limit_exceeded", why));
+        }
         let room_key = match self.room_by_name.get(&grant.room) {
             Some(k) => *k,
             // With auto-create off, only a token granting roomCreate or a
@@ -1181,6 +1204,12 @@ impl Core {
             downlink: Downlink::default(),
             ice_lost_at: None,
             fallback_tried: false,
+            data_rate: TokenBucket::new(
+                self.cfg.limits.data_packets_per_sec,
+                self.cfg.limits.data_packets_per_sec.saturating_mul(2),
+                now,
+            ),
+            data_refusal_told: None,
         };
         if rung != Rung::Any {
             tracing::info!(rung = rung.name(), "joining on a fallback rung");

@@ -32,6 +32,8 @@ pub struct MediaHandle {
     threads: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
     /// Stops the transport's own threads (UDP dispatcher, TCP acceptor).
     transport_stop: Arc<AtomicBool>,
+    /// Signaling requests a session may send a second ([limits]).
+    signal_rate: u32,
 }
 
 impl MediaHandle {
@@ -50,6 +52,7 @@ impl MediaHandle {
     ) -> std::io::Result<Arc<MediaHandle>> {
         let media_counters = Arc::new(MediaCounters::default());
         let auto_create = cfg.auto_create;
+        let signal_rate = cfg.limits.signal_requests_per_sec;
         let webhook_counters = cfg.webhooks.as_ref().map(|w| w.counters.clone());
         let started = transport::start(udp, tcp, workers, media_counters.clone())?;
         let mut threads = started.threads;
@@ -81,6 +84,7 @@ impl MediaHandle {
             webhook_counters,
             threads,
             transport_stop: started.stop,
+            signal_rate,
         }))
     }
 
@@ -236,6 +240,10 @@ impl Backend for MediaHandle {
 
     fn counters(&self) -> &SignalCounters {
         &self.signal_counters
+    }
+
+    fn signal_rate(&self) -> (u32, u32) {
+        (self.signal_rate, self.signal_rate.saturating_mul(2))
     }
 
     fn precheck(&self, ticket: &JoinTicket) -> Result<(), Refusal> {

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod allocate;
 pub mod data;
+pub mod datagram_harness;
 mod downlink;
 mod dynacast;
 pub mod engine;

@@ -6,6 +6,7 @@ use std::time::Instant;
 use livekit_protocol as lk;
 use moselle_signaling::backend::{OutboundTx, Outgoing};
 use moselle_signaling::join::Flavor;
+use moselle_signaling::rate::TokenBucket;
 use moselle_signaling::token::VideoGrant;
 use slab::Slab;
 use str0m::rtp::Ssrc;
@@ -15,6 +16,8 @@ use super::allocate::Hold;
 use super::fallback::Rung;
 use super::forward::{Forwarder, Layer};
 use super::sdp::{Kind, SdpInfo};
+use crate::config::LimitsConfig;
+use crate::metrics::Limit;
 use crate::transport::{Path, Proto};
 
 /// One str0m peer connection.
@@ -214,6 +217,11 @@ pub struct Participant {
     pub ice_lost_at: Option<Instant>,
     /// The fallback ladder was consulted for this session.
     pub fallback_tried: bool,
+    /// Data packets it may send (`[limits] data_packets_per_sec`).
+    pub data_rate: TokenBucket,
+    /// When it was last told a data packet was refused (at most once a
+    /// second: a flood is not answered with a flood).
+    pub data_refusal_told: Option<Instant>,
 }
 
 impl Participant {
@@ -239,6 +247,21 @@ impl Participant {
                 self.attributes.insert(k, v);
             }
         }
+    }
+
+    /// The limit an update of name, metadata and attributes would break,
+    /// with what to tell the client; see [`Self::apply_update`].
+    pub fn update_exceeds(
+        &self,
+        metadata: &str,
+        attributes: &std::collections::HashMap<String, String>,
+        limits: &LimitsConfig,
+    ) -> Option<(Limit, String)> {
+        exceeds(
+            metadata,
+            attributes_bytes(&self.attributes, attributes),
+            limits,
+        )
     }
 
     pub fn peer_mut(&mut self, role: PcRole) -> Option<&mut Peer> {
@@ -337,4 +360,51 @@ impl Participant {
         };
         allowed.iter().any(|a| a == name)
     }
+}
+
+/// Bytes of `current` attributes once `update` is applied (LiveKit's rule:
+/// an empty value removes the key).
+pub fn attributes_bytes(
+    current: &std::collections::HashMap<String, String>,
+    update: &std::collections::HashMap<String, String>,
+) -> usize {
+    let kept: usize = current
+        .iter()
+        .filter(|(k, _)| !update.contains_key(*k))
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    kept + update
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
+}
+
+/// The limit `metadata` or attributes of `attributes` bytes would break.
+pub fn exceeds(
+    metadata: &str,
+    attributes: usize,
+    limits: &LimitsConfig,
+) -> Option<(Limit, String)> {
+    let over = |limit: usize, n: usize| limit > 0 && n > limit;
+    if over(limits.metadata_bytes, metadata.len()) {
+        return Some((
+            Limit::Metadata,
+            format!(
+                "metadata of {} bytes is over the limit of {} bytes",
+                metadata.len(),
+                limits.metadata_bytes
+            ),
+        ));
+    }
+    if over(limits.attributes_bytes, attributes) {
+        return Some((
+            Limit::Attributes,
+            format!(
+                "attributes of {attributes} bytes in all are over the limit of {} bytes",
+                limits.attributes_bytes
+            ),
+        ));
+    }
+    None
 }

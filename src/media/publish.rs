@@ -15,7 +15,7 @@ use super::keyframe::VideoCodec;
 use super::participant::{Participant, PendingTrack};
 use super::room::{Track, MAX_LAYERS};
 use super::sdp::Dir;
-use crate::metrics::MediaCounters;
+use crate::metrics::{Limit, MediaCounters};
 
 impl Core {
     // ------------------------------------------------------ publishing
@@ -53,6 +53,21 @@ impl Core {
                     "cannot publish track {:?}: source not in canPublishSources",
                     a.cid
                 ),
+            );
+            return;
+        }
+        let max = self.cfg.limits.tracks_per_participant;
+        if max > 0 && p.published.len() + p.pending_tracks.len() >= max {
+            self.counters.refused(Limit::Tracks);
+            refuse_request(
+                p,
+                lk::request_response::Reason::LimitExceeded,
+                format!(
+                    "cannot publish track {:?}: {max} tracks per participant at most ([limits] tracks_per_participant)",
+                    a.cid
+                ),
+                0,
+                lk::request_response::Request::AddTrack(a),
             );
             return;
         }

@@ -5,9 +5,11 @@ use livekit_protocol as lk;
 use lk::signal_response::Message as Resp;
 
 use super::data;
-use super::engine::{refuse_request, Core};
+use std::time::{Duration, Instant};
+
+use super::engine::{error_to, refuse_request, Core};
 use super::participant::PcRole;
-use crate::metrics::MediaCounters;
+use crate::metrics::{Limit, MediaCounters};
 
 impl Core {
     // ------------------------------------------------------------- data
@@ -23,6 +25,39 @@ impl Core {
         else {
             return;
         };
+        let limits = &self.cfg.limits;
+        let now = Instant::now();
+        let refused = if limits.data_packet_bytes > 0 && d.data.len() > limits.data_packet_bytes {
+            Some((
+                Limit::DataSize,
+                format!(
+                    "data packet of {} bytes refused: over {} bytes ([limits] data_packet_bytes)",
+                    d.data.len(),
+                    limits.data_packet_bytes
+                ),
+            ))
+        } else if !p.data_rate.take(now) {
+            Some((
+                Limit::DataRate,
+                format!(
+                    "data packets refused: over {} a second ([limits] data_packets_per_sec)",
+                    limits.data_packets_per_sec
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((limit, why)) = refused {
+            self.counters.refused(limit);
+            tracing::debug!(participant = %p.sid, "{why}");
+            if p.data_refusal_told
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                p.data_refusal_told = Some(now);
+                error_to(p, lk::request_response::Reason::LimitExceeded, why);
+            }
+            return;
+        }
         let out = match data::prepare(p, &label, &d.data) {
             Ok(Some(o)) => o,
             Ok(None) => return,
@@ -47,6 +82,17 @@ impl Core {
                 p,
                 lk::request_response::Reason::NotAllowed,
                 "metadata updates are not granted (canUpdateOwnMetadata)".into(),
+                request_id,
+                lk::request_response::Request::UpdateMetadata(m),
+            );
+            return;
+        }
+        if let Some((limit, why)) = p.update_exceeds(&m.metadata, &m.attributes, &self.cfg.limits) {
+            self.counters.refused(limit);
+            refuse_request(
+                p,
+                lk::request_response::Reason::LimitExceeded,
+                why,
                 request_id,
                 lk::request_response::Request::UpdateMetadata(m),
             );

@@ -34,7 +34,8 @@ pub fn local_ufrag(data: &[u8]) -> Option<&str> {
     None
 }
 
-#[cfg(test)]
+/// A binding request naming `username` (no integrity): for tests and the
+/// fuzz harness, which open a peer's path with it as ICE would.
 pub(crate) fn binding_request(username: &str) -> Vec<u8> {
     let mut m = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
     m.extend_from_slice(&[7u8; 12]);
