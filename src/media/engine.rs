@@ -1062,6 +1062,10 @@ impl Core {
                 return Ok(self.resume(key, out));
             }
             // Nothing to resume: the client must join afresh.
+            tracing::info!(
+                sid = options.participant_sid.as_deref().unwrap_or(""),
+                "resume of an unknown session: told to rejoin"
+            );
             let _ = out.try_send(Outgoing::Signal(Box::new(rejoin())));
             let _ = out.try_send(Outgoing::Close);
             return Ok((usize::MAX, 0));

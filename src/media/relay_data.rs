@@ -1,12 +1,12 @@
 //! Data packets and metadata updates, as the engine handles them: the pure
 //! checks and stamping live in [`super::data`].
 
+use std::time::{Duration, Instant};
+
 use livekit_protocol as lk;
 use lk::signal_response::Message as Resp;
 
 use super::data;
-use std::time::{Duration, Instant};
-
 use super::engine::{error_to, refuse_request, Core};
 use super::participant::PcRole;
 use crate::metrics::{Limit, MediaCounters};
@@ -28,32 +28,30 @@ impl Core {
         let limits = &self.cfg.limits;
         let now = Instant::now();
         let refused = if limits.data_packet_bytes > 0 && d.data.len() > limits.data_packet_bytes {
-            Some((
-                Limit::DataSize,
-                format!(
-                    "data packet of {} bytes refused: over {} bytes ([limits] data_packet_bytes)",
-                    d.data.len(),
-                    limits.data_packet_bytes
-                ),
-            ))
+            Some(Limit::DataSize)
         } else if !p.data_rate.take(now) {
-            Some((
-                Limit::DataRate,
-                format!(
-                    "data packets refused: over {} a second ([limits] data_packets_per_sec)",
-                    limits.data_packets_per_sec
-                ),
-            ))
+            Some(Limit::DataRate)
         } else {
             None
         };
-        if let Some((limit, why)) = refused {
+        if let Some(limit) = refused {
             self.counters.refused(limit);
-            tracing::debug!(participant = %p.sid, "{why}");
-            if p.data_refusal_told
-                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
-            {
+            // A flood is not answered with a flood: one word a second.
+            let told = p.data_refusal_told;
+            if told.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
                 p.data_refusal_told = Some(now);
+                let why = match limit {
+                    Limit::DataSize => format!(
+                        "data packet of {} bytes refused: over {} bytes ([limits] data_packet_bytes)",
+                        d.data.len(),
+                        limits.data_packet_bytes
+                    ),
+                    _ => format!(
+                        "data packets refused: over {} a second ([limits] data_packets_per_sec)",
+                        limits.data_packets_per_sec
+                    ),
+                };
+                tracing::debug!(participant = %p.sid, "{why}");
                 error_to(p, lk::request_response::Reason::LimitExceeded, why);
             }
             return;
