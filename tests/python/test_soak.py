@@ -222,7 +222,7 @@ def test_churn_soak(tmp_path):
         # The SDK now and then gives up a resume by itself (it applies an
         # answer in the wrong state; see the SDK lines printed): tolerated
         # as the churn it is, but never as the rule.
-        assert tally.n["sdk_resume_failures"] * 5 <= tally.n["resumes"], f"resumes failing: {tally}
+        assert tally.n["sdk_resume_failures"] * 5 <= tally.n["resumes"], f"resumes failing: {tally}"
         assert end["fds"] <= start["fds"] + FD_SLACK, f"descriptors leaked: {start} -> {end}"
         assert end["threads"] <= start["threads"], f"threads leaked: {start} -> {end}"
         limit = max(start["rss_kib"] * (1 + RSS_MARGIN), start["rss_kib"] + RSS_SLACK_KIB)
