@@ -32,11 +32,15 @@ const CONGESTION_HOLD: Duration = Duration::from_secs(5);
 const GUARD_AFTER_CONGESTION: Duration = Duration::from_secs(30);
 /// Share of the estimate media may use while congested.
 const CONGESTED_SHARE: f64 = 0.85;
-/// Loss in the receiver's reports at least this high... GCC's own line:
-/// below it, loss is the network's (Wi-Fi, a lossy path), not ours, and
-/// cutting layers would not lower it. Measured: at 5 % random loss each
-/// way a 3 % line paused a 640x360 video for nothing.
+/// Loss in the receiver's reports, smoothed, at least this high... GCC's
+/// own line: below it, loss is the network's (Wi-Fi, a lossy path), not
+/// ours, and cutting layers would not lower it. Measured: at 5 % random
+/// loss each way a 3 % line paused a 640x360 video for nothing.
 const LOSS_EVIDENCE: f32 = 0.10;
+/// Weight of a new report in the smoothed loss: one report of a second's
+/// few dozen packets swings by chance (5 % random loss gives 15 % now and
+/// then); a full link's loss (tens of %) still counts at its first report.
+const LOSS_WEIGHT: f32 = 0.3;
 /// ...shows the link full for this long (reports come every 1-2 s).
 const LOSS_MEMORY: Duration = Duration::from_secs(5);
 /// A receiver report covers about the last second: one this long after a
@@ -64,14 +68,19 @@ impl Core {
         }
     }
 
-    /// The receiver's reports on what we send it: loss above
+    /// The receiver's reports on what we send it: smoothed loss above
     /// [`LOSS_EVIDENCE`] marks the downlink full for [`LOSS_MEMORY`].
     pub(super) fn note_downlink_loss(&mut self, key: usize, loss: Option<f32>, now: Instant) {
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
-        if loss.is_some_and(|l| l.is_finite() && l >= LOSS_EVIDENCE) {
-            p.downlink.loss_at = Some(now);
+        let Some(l) = loss.filter(|l| l.is_finite()) else {
+            return;
+        };
+        let dl = &mut p.downlink;
+        dl.loss_avg += (l.clamp(0.0, 1.0) - dl.loss_avg) * LOSS_WEIGHT;
+        if dl.loss_avg >= LOSS_EVIDENCE {
+            dl.loss_at = Some(now);
         }
     }
 
@@ -93,6 +102,7 @@ impl Core {
         p.downlink.peak = 0;
         p.downlink.congested_at = None;
         p.downlink.loss_at = None;
+        p.downlink.loss_avg = 0.0;
         p.downlink.cut_at = None;
         for (_, s) in p.subs.iter_mut() {
             s.hold = allocate::Hold::default();

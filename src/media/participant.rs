@@ -102,6 +102,8 @@ pub struct Downlink {
     /// When the receiver last reported loss, and when layers were last cut
     /// for bandwidth (see `downlink.rs`).
     pub loss_at: Option<Instant>,
+    /// The receiver's reported loss, smoothed (0..1).
+    pub loss_avg: f32,
     pub cut_at: Option<Instant>,
 }
 
