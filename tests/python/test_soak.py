@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from livekit import rtc
 
 from conftest import start_moselle, stop_moselle
@@ -188,8 +189,14 @@ class SdkErrors(logging.Handler):
                 self.first.append(f"{time.strftime('%H:%M:%S')} {msg}")
 
 
+MINUTES = float(os.environ.get("SOAK_MINUTES", "2"))
+
+
+# Longer than pytest.ini's last-resort guard: a warm-up round, the churn,
+# the settling, with room to spare.
+@pytest.mark.timeout(int(MINUTES * 60 + 300))
 def test_churn_soak(tmp_path):
-    minutes = float(os.environ.get("SOAK_MINUTES", "2"))
+    minutes = MINUTES
     seed = int(os.environ.get("SOAK_SEED", str(random.randrange(1 << 30))))
     print(f"SOAK_SEED={seed} SOAK_MINUTES={minutes}")
     config = tmp_path / "soak.toml"
