@@ -8,6 +8,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod log_writer;
 pub mod matrix;
 pub mod media;
 pub mod metrics;

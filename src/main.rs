@@ -158,7 +158,8 @@ fn init_logs(cfg: &Config, json: bool) {
         .unwrap_or_else(|_| EnvFilter::new(format!("{},str0m=warn", cfg.log.level)));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_writer(moselle::log_writer::Stdout);
     if json || cfg.log.format == LogFormat::Json {
         b.json().init();
     } else {

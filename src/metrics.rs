@@ -278,6 +278,7 @@ pub fn render(media: &MediaCounters, signal: &moselle_signaling::SignalCounters)
     render_rooms(&mut s, media);
     render_limits(&mut s, media, signal);
     render_counters(&mut s, signal.snapshot());
+    render_log_errors(&mut s);
     render_process(&mut s);
     s
 }
@@ -332,6 +333,16 @@ fn render_limits(
     }
     let v = signal.rate_limited.load(Ordering::Relaxed);
     let _ = writeln!(s, "{name}{{limit=\"signal_rate\"}} {v}");
+}
+
+/// Log lines the node could not write (see `log_writer`).
+fn render_log_errors(s: &mut String) {
+    let name = "moselle_log_write_errors_total";
+    let v = crate::log_writer::failed_writes();
+    let _ = writeln!(
+        s,
+        "# HELP {name} Log writes that failed (a full disk, a closed pipe): the log cannot say so itself\n# TYPE {name} counter\n{name} {v}"
+    );
 }
 
 /// The standard Prometheus process metrics, so a load generator (or an

@@ -82,6 +82,9 @@ impl Core {
         if dl.loss_avg >= LOSS_EVIDENCE {
             dl.loss_at = Some(now);
         }
+        if l >= LOSS_EVIDENCE {
+            dl.report_loss_at = Some(now);
+        }
     }
 
     /// ICE found a path again after losing it (another network, TCP after
@@ -102,6 +105,7 @@ impl Core {
         p.downlink.peak = 0;
         p.downlink.congested_at = None;
         p.downlink.loss_at = None;
+        p.downlink.report_loss_at = None;
         p.downlink.loss_avg = 0.0;
         p.downlink.cut_at = None;
         for (_, s) in p.subs.iter_mut() {
@@ -229,13 +233,15 @@ impl Core {
         let lossy = dl
             .loss_at
             .is_some_and(|t| now.saturating_duration_since(t) < LOSS_MEMORY);
-        // Only loss reported once the last cut has had time to show may
-        // pause: a report still counting the packets of the layer just cut
-        // (and the estimate it dragged down) says nothing of the one left.
-        let fresh_loss = lossy
-            && dl
-                .cut_at
-                .is_none_or(|c| dl.loss_at.is_some_and(|l| l > c + CUT_SETTLE));
+        // Once congested (the smoothed loss), one report of loss made after
+        // the last cut had time to show may pause: a report still counting
+        // the packets of the layer just cut (and the estimate it dragged
+        // down) says nothing of the one left. Smoothed here too, a link
+        // the lowest layer overfills by a little would never pause.
+        let fresh_loss = dl.report_loss_at.is_some_and(|r| {
+            now.saturating_duration_since(r) < LOSS_MEMORY
+                && dl.cut_at.is_none_or(|c| r > c + CUT_SETTLE)
+        });
         if lossy && (estimate as f64) < dl.peak as f64 * CONGESTION_DROP {
             dl.congested_at = Some(now);
         }

@@ -102,8 +102,10 @@ pub struct Downlink {
     /// When the receiver last reported loss, and when layers were last cut
     /// for bandwidth (see `downlink.rs`).
     pub loss_at: Option<Instant>,
-    /// The receiver's reported loss, smoothed (0..1).
+    /// The receiver's reported loss, smoothed (0..1), and when one report
+    /// alone last showed loss.
     pub loss_avg: f32,
+    pub report_loss_at: Option<Instant>,
     pub cut_at: Option<Instant>,
 }
 

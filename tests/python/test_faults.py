@@ -79,7 +79,7 @@ def test_a_full_disk_under_the_log_harms_no_call(tmp_path):
     once it is full, calls still start and their media flows."""
     full = tmp_path / "full"
     full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(full)], check=True)
     server = None
     try:
         server = start_moselle(full, env={"RUST_LOG": "debug"})
@@ -96,11 +96,13 @@ def test_a_full_disk_under_the_log_harms_no_call(tmp_path):
             return st.f_bavail * st.f_frsize
 
         left = run(scenario, timeout=90)
-        # Two calls log far more than 64 KiB at debug: what is left is less
+        # Two calls log far more than 8 KiB at debug: what is left is less
         # than one of the writes that failed.
         assert left < 16 * 1024, f"the log's file system still has {left} bytes free: the test did not fill it"
+        failed = server.metric("log_write_errors_total")
+        assert failed > 0, "the log lines that could not be written are not counted"
         server.assert_alive()
-        print("with the log's disk full, two calls started and carried audio")
+        print(f"with the log's disk full, two calls started and carried audio; {failed:.0f} log writes failed")
     finally:
         if server is not None:
             stop_moselle(server)
