@@ -15,9 +15,14 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// `per_sec` 0: no limit.
     pub fn new(per_sec: u32, burst: u32, now: Instant) -> Self {
-        let burst = f64::from(burst.max(per_sec).max(1));
+        Self::with_rate(f64::from(per_sec), f64::from(burst.max(per_sec)), now)
+    }
+
+    /// `per_sec` may be a fraction (a few a minute); 0: no limit.
+    pub fn with_rate(per_sec: f64, burst: f64, now: Instant) -> Self {
+        let burst = burst.max(1.0);
         TokenBucket {
-            per_sec: f64::from(per_sec),
+            per_sec,
             burst,
             tokens: burst,
             last: now,
@@ -38,6 +43,11 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// When it was last asked.
+    pub fn last(&self) -> Instant {
+        self.last
     }
 }
 

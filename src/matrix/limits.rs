@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use moselle_signaling::rate::TokenBucket;
+
 pub struct RateLimiter {
     per_minute: u32,
     burst: u32,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
 }
 
 impl RateLimiter {
@@ -33,18 +35,12 @@ impl RateLimiter {
         if b.len() > 100_000 {
             // Forget idle keys so an address sweep cannot grow this forever.
             let idle = Duration::from_secs(600);
-            b.retain(|_, (_, t)| now.duration_since(*t) < idle);
+            b.retain(|_, t| now.duration_since(t.last()) < idle);
         }
-        let rate = self.per_minute as f64 / 60.0;
-        let (tokens, last) = b.entry(key.to_string()).or_insert((self.burst as f64, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(self.burst as f64);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let rate = f64::from(self.per_minute) / 60.0;
+        b.entry(key.to_string())
+            .or_insert_with(|| TokenBucket::with_rate(rate, f64::from(self.burst), now))
+            .take(now)
     }
 }
 
