@@ -2,7 +2,8 @@
 without a word, a full disk under the server's log, and SIGHUP and SIGTERM
 while joins are under way. Each test states what a user sees. (Redis
 restarting mid-call: tests/cluster.rs a_redis_outage_does_not_cut_running_calls
-and tests/python/test_cluster.py.)"""
+and tests/python/test_cluster.py. A client whose network is dropped by
+nftables while its process runs on: tests/connectivity/test_vanish.py.)"""
 
 from __future__ import annotations
 
