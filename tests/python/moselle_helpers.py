@@ -422,6 +422,14 @@ async def feed_video(source: rtc.VideoSource, pattern: MovingPattern, fps: float
 # --------------------------------------------------------------------------- participant
 
 
+def _close_late_room(room: rtc.Room):
+    """A done-callback for a connect given up on: disconnect its room if it joined after all."""
+    def done(t: asyncio.Future) -> None:
+        if not t.cancelled() and t.exception() is None:
+            asyncio.ensure_future(room.disconnect())
+    return done
+
+
 class Client:
     """One participant: an rtc.Room plus its event log, media probe and media feeders.
 
@@ -450,9 +458,16 @@ class Client:
 
     async def connect(self, url: str, token: str, timeout: float = 15.0, **options: Any) -> None:
         opts = rtc.RoomOptions(auto_subscribe=True, **options)
+        # Room.connect must never be cancelled: the SDK (livekit 1.2.1) then
+        # never tells its FFI core it is ready for room events, and the core
+        # panics 15 s later, which the SDK answers by SIGTERMing its own
+        # process (livekit/python-sdks#784). On a timeout the connect runs on
+        # in the background and its room is closed once it returns.
+        task = asyncio.ensure_future(self.room.connect(url, token, opts))
         try:
-            await asyncio.wait_for(self.room.connect(url, token, opts), timeout)
+            await asyncio.wait_for(asyncio.shield(task), timeout)
         except asyncio.TimeoutError:
+            task.add_done_callback(_close_late_room(self.room))
             raise AssertionError(f"{self.identity}: Room.connect({url}) did not finish within {timeout:.0f}s") from None
         except rtc.ConnectError as e:
             raise AssertionError(f"{self.identity}: Room.connect({url}) failed: {e.message}") from None
