@@ -187,6 +187,8 @@ pub struct RtcConfig {
     /// How long a participant moved down the connectivity fallback ladder
     /// keeps its rung for its next joins in that room.
     pub fallback_memory_secs: u64,
+    /// Coalesce each subscriber's runs of equal-size datagrams with UDP GSO.
+    pub udp_gso: bool,
     /// Estimate each subscriber's downlink (TWCC, else REMB) and fit its
     /// simulcast layers into it; str0m then paces what it sends.
     pub downlink_bwe: bool,

@@ -55,6 +55,9 @@ enum Cmd {
         /// No downlink bandwidth estimation (`[rtc] downlink_bwe = false`).
         #[arg(long)]
         no_downlink_bwe: bool,
+        /// No UDP GSO: every datagram its own send (`[rtc] udp_gso = false`).
+        #[arg(long)]
+        no_udp_gso: bool,
         /// Forwarding worker threads (default: `[rtc] workers`, 0 = one per core).
         #[arg(long)]
         workers: Option<usize>,
@@ -180,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             no_ice_tcp,
             downlink_bwe,
             no_downlink_bwe,
+            no_udp_gso,
             workers,
             node_ips,
             log_json,
@@ -206,6 +210,9 @@ fn main() -> anyhow::Result<()> {
             }
             if no_downlink_bwe {
                 config.rtc.downlink_bwe = false;
+            }
+            if no_udp_gso {
+                config.rtc.udp_gso = false;
             }
             if let Some(w) = workers {
                 config.rtc.workers = w;

@@ -40,6 +40,8 @@ pub struct MediaCounters {
     pub udp_unroutable: AtomicU64,
     pub udp_rejected: AtomicU64,
     pub udp_send_drops: AtomicU64,
+    pub udp_gso_datagrams: AtomicU64,
+    pub udp_gso_messages: AtomicU64,
     pub udp_overload_drops: AtomicU64,
     pub tcp_connections: AtomicU64,
     pub tcp_accepted: AtomicU64,
@@ -194,6 +196,18 @@ impl MediaCounters {
                 "counter",
                 "Outgoing datagrams the kernel did not take",
                 g(&self.udp_send_drops),
+            ),
+            (
+                "udp_gso_datagrams_total",
+                "counter",
+                "Outgoing datagrams sent inside UDP GSO messages (cut by the kernel)",
+                g(&self.udp_gso_datagrams),
+            ),
+            (
+                "udp_gso_messages_total",
+                "counter",
+                "UDP GSO messages sent (each carries two datagrams or more)",
+                g(&self.udp_gso_messages),
             ),
             (
                 "rtp_packets_in_total",

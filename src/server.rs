@@ -33,12 +33,16 @@ pub struct Running {
 
 pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
     cfg.validate()?;
-    let udp = UdpIo::bind(cfg.server.bind, cfg.server.udp_port).with_context(|| {
+    let mut udp = UdpIo::bind(cfg.server.bind, cfg.server.udp_port).with_context(|| {
         format!(
             "cannot bind the media UDP port {}:{}",
             cfg.server.bind, cfg.server.udp_port
         )
     })?;
+    udp.set_gso(cfg.rtc.udp_gso);
+    if cfg.rtc.udp_gso && !udp.gso() {
+        tracing::info!("this kernel has no UDP GSO: datagrams are sent one by one");
+    }
     let udp_port = udp.local_port();
     let turn = crate::transport::turn::load(&cfg.turn, &cfg.cluster.allowed_jurisdictions)?;
     // Hand out only relays in this node's own jurisdiction: a room here may

@@ -140,17 +140,21 @@ impl Vp8Layer {
         let key = self.frame_no.is_multiple_of(gop);
         self.frame_no += 1;
         self.picture_id = (self.picture_id + 1) & 0x7fff;
-        let mut remaining = if key {
+        let total = if key {
             self.delta_bytes * KEYFRAME_FACTOR
         } else {
             self.delta_bytes
         }
         .max(64);
         let sent = now_us();
-        let mut first = true;
-        while remaining > 0 {
-            let body = remaining.min(MAX_PAYLOAD - 4 - TRAILER_LEN);
-            remaining -= body;
+        // Split about equally, as libwebrtc's packetizer does: the same size
+        // throughout, the last few one byte larger.
+        let cap = MAX_PAYLOAD - 4 - TRAILER_LEN;
+        let packets = total.div_ceil(cap);
+        let (base, larger) = (total / packets, total % packets);
+        for i in 0..packets {
+            let first = i == 0;
+            let body = base + usize::from(i >= packets - larger);
             let mut b = BytesMut::with_capacity(body + 4 + TRAILER_LEN + 10);
             // Descriptor: X, S on the first packet, PID 0; I with a 15-bit
             // picture id.
@@ -175,7 +179,6 @@ impl Vp8Layer {
             b.put_slice(&self.filler[off..off + body_left]);
             put_trailer(&mut b, sent);
             out.push(b.freeze());
-            first = false;
         }
         key
     }

@@ -79,10 +79,19 @@ impl<T: Copy> Transport<T> {
     pub fn flush(&mut self, counters: &MediaCounters) {
         self.udp.flush();
         self.tcp.flush();
+        let u = &mut self.udp;
+        MediaCounters::add(&counters.udp_send_drops, std::mem::take(&mut u.send_drops));
         MediaCounters::add(
-            &counters.udp_send_drops,
-            std::mem::take(&mut self.udp.send_drops),
+            &counters.udp_gso_datagrams,
+            std::mem::take(&mut u.gso_segments),
         );
+        MediaCounters::add(
+            &counters.udp_gso_messages,
+            std::mem::take(&mut u.gso_messages),
+        );
+        if std::mem::take(&mut u.gso_refused) {
+            tracing::warn!("the kernel refused a UDP GSO send: this worker sends datagrams one by one from now on");
+        }
     }
 
     /// A peer is gone: forget its paths and close its TCP connections.

@@ -3,6 +3,11 @@
 //! address each packet came in on and answers from that address.
 //!
 //! Buffers are allocated once; a batch costs two syscalls and no allocation.
+//!
+//! Sending uses UDP GSO where the kernel has it: consecutive queued datagrams
+//! to one address, all of one size but a shorter last one (the packets of a
+//! video frame to one subscriber), leave as one message with `UDP_SEGMENT`,
+//! and the kernel cuts it into datagrams after one trip through the stack.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -16,6 +21,10 @@ pub const BATCH: usize = 64;
 /// Largest datagram we take; WebRTC keeps well under this.
 pub const MAX_DATAGRAM: usize = 2048;
 const CMSG_SPACE: usize = 64;
+/// Datagrams in one GSO message (the kernel's `UDP_MAX_SEGMENTS`).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Bytes in one GSO message: an IPv4 datagram's payload limit, less headroom.
+const GSO_MAX_BYTES: usize = 65_000;
 
 /// The socket and its two halves; the halves borrow independently so the
 /// receive batch can be read while answers are queued.
@@ -46,8 +55,16 @@ pub struct UdpTx {
     tx_from: [Ipv4Addr; BATCH],
     tx_ctrl: Box<[[u8; CMSG_SPACE]]>,
     tx_count: usize,
+    /// Coalesce runs of datagrams with `UDP_SEGMENT`; off when the kernel
+    /// lacks it, refused it, or the operator turned it off.
+    gso: bool,
     /// Datagrams the kernel would not take (full buffer) or that were too big.
     pub send_drops: u64,
+    /// Datagrams sent inside GSO messages, and GSO messages sent.
+    pub gso_segments: u64,
+    pub gso_messages: u64,
+    /// The kernel refused a GSO message: from then on, one by one.
+    pub gso_refused: bool,
 }
 
 fn to_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -64,6 +81,22 @@ fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddr {
         Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr)),
         u16::from_be(s.sin_port),
     ))
+}
+
+/// Whether this socket's kernel has UDP GSO (Linux 4.18 and later).
+fn gso_supported(fd: RawFd) -> bool {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid pointers to an int and its length.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            &mut v as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        ) == 0
+    }
 }
 
 fn setsockopt_int(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
@@ -114,7 +147,7 @@ impl UdpIo {
             rx_dst: [Ipv4Addr::UNSPECIFIED; BATCH],
             rx_count: 0,
         };
-        let tx = UdpTx::new(fd, v4);
+        let tx = UdpTx::new(fd, v4, gso_supported(fd));
         Ok(UdpIo { socket, rx, tx })
     }
 
@@ -122,7 +155,18 @@ impl UdpIo {
     /// forwarding worker sends its batches itself (sendmmsg on one socket
     /// from several threads is safe; each call is atomic).
     pub fn extra_tx(&self) -> UdpTx {
-        UdpTx::new(self.rx.fd, self.rx.bound_ip)
+        UdpTx::new(self.rx.fd, self.rx.bound_ip, self.tx.gso)
+    }
+
+    /// Turn GSO off (or back on, where the kernel has it), for this sender
+    /// and every [`Self::extra_tx`] made after.
+    pub fn set_gso(&mut self, on: bool) {
+        self.tx.gso = on && gso_supported(self.rx.fd);
+    }
+
+    /// Whether sends coalesce with GSO.
+    pub fn gso(&self) -> bool {
+        self.tx.gso
     }
 
     pub fn local_port(&self) -> u16 {
@@ -210,7 +254,7 @@ impl UdpRx {
 }
 
 impl UdpTx {
-    fn new(fd: RawFd, bound_ip: Ipv4Addr) -> UdpTx {
+    fn new(fd: RawFd, bound_ip: Ipv4Addr, gso: bool) -> UdpTx {
         // SAFETY: sockaddr_in is plain old data.
         let zero_sa: libc::sockaddr_in = unsafe { zeroed() };
         UdpTx {
@@ -222,7 +266,11 @@ impl UdpTx {
             tx_from: [Ipv4Addr::UNSPECIFIED; BATCH],
             tx_ctrl: vec![[0u8; CMSG_SPACE]; BATCH].into_boxed_slice(),
             tx_count: 0,
+            gso,
             send_drops: 0,
+            gso_segments: 0,
+            gso_messages: 0,
+            gso_refused: false,
         }
     }
 
@@ -247,48 +295,116 @@ impl UdpTx {
         self.tx_count += 1;
     }
 
+    /// Where the message starting at datagram `i` ends: past the run of
+    /// datagrams GSO can carry with it (just `i + 1` without GSO).
+    fn run_end(&self, i: usize) -> usize {
+        let mut j = i + 1;
+        let size = self.tx_lens[i];
+        if !self.gso || size == 0 {
+            return j;
+        }
+        let (to, from) = (&self.tx_to[i], self.tx_from[i]);
+        let mut bytes = size;
+        while j < self.tx_count && j - i < GSO_MAX_SEGMENTS {
+            let len = self.tx_lens[j];
+            let t = &self.tx_to[j];
+            if len > size
+                || bytes + len > GSO_MAX_BYTES
+                || t.sin_addr.s_addr != to.sin_addr.s_addr
+                || t.sin_port != to.sin_port
+                || self.tx_from[j] != from
+            {
+                break;
+            }
+            bytes += len;
+            j += 1;
+            if len < size {
+                // Only the last segment may be shorter.
+                break;
+            }
+        }
+        j
+    }
+
     /// Send everything queued. Datagrams the kernel refuses are dropped
     /// (and counted): UDP gives no delivery promise and we never block.
     pub fn flush(&mut self) {
         let mut start = 0;
+        // Per message: the datagrams it carries, [first, end).
+        let mut spans = [(0usize, 0usize); BATCH];
         while start < self.tx_count {
-            // SAFETY: as in recv_batch, pointers target buffers owned by self.
+            let mut count = 0;
+            // SAFETY: as in recv_batch, pointers target buffers owned by self;
+            // each message's iovecs are its datagrams' slots in `iovs`.
             let sent = unsafe {
                 let mut iovs: [libc::iovec; BATCH] = zeroed();
                 let mut msgs: [libc::mmsghdr; BATCH] = zeroed();
-                let count = self.tx_count - start;
-                for k in 0..count {
-                    let i = start + k;
-                    iovs[k].iov_base = self.tx_bufs[i].as_mut_ptr() as *mut libc::c_void;
-                    iovs[k].iov_len = self.tx_lens[i];
-                    let h = &mut msgs[k].msg_hdr;
+                let mut i = start;
+                while i < self.tx_count {
+                    let end = self.run_end(i);
+                    for (d, iov) in iovs.iter_mut().enumerate().take(end).skip(i) {
+                        iov.iov_base = self.tx_bufs[d].as_mut_ptr() as *mut libc::c_void;
+                        iov.iov_len = self.tx_lens[d];
+                    }
+                    let h = &mut msgs[count].msg_hdr;
                     h.msg_name = &mut self.tx_to[i] as *mut _ as *mut libc::c_void;
                     h.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                    h.msg_iov = &mut iovs[k];
-                    h.msg_iovlen = 1;
-                    if self.bound_ip.is_unspecified() && !self.tx_from[i].is_unspecified() {
-                        // Answer from the address the peer talks to.
+                    h.msg_iov = &mut iovs[i];
+                    h.msg_iovlen = (end - i) as _;
+                    let pktinfo =
+                        self.bound_ip.is_unspecified() && !self.tx_from[i].is_unspecified();
+                    let segment = end - i > 1;
+                    if pktinfo || segment {
                         let ctrl = &mut self.tx_ctrl[i];
                         ctrl.fill(0);
                         h.msg_control = ctrl.as_mut_ptr() as *mut libc::c_void;
-                        h.msg_controllen =
-                            libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
-                        let c = libc::CMSG_FIRSTHDR(h);
-                        (*c).cmsg_level = libc::IPPROTO_IP;
-                        (*c).cmsg_type = libc::IP_PKTINFO;
-                        (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-                        let mut info: libc::in_pktinfo = zeroed();
-                        info.ipi_spec_dst.s_addr = u32::from(self.tx_from[i]).to_be();
-                        std::ptr::write_unaligned(
-                            libc::CMSG_DATA(c) as *mut libc::in_pktinfo,
-                            info,
-                        );
+                        let mut space = 0;
+                        if pktinfo {
+                            space += libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32);
+                        }
+                        if segment {
+                            space += libc::CMSG_SPACE(size_of::<u16>() as u32);
+                        }
+                        h.msg_controllen = space as _;
+                        let mut c = libc::CMSG_FIRSTHDR(h);
+                        if pktinfo {
+                            // Answer from the address the peer talks to.
+                            (*c).cmsg_level = libc::IPPROTO_IP;
+                            (*c).cmsg_type = libc::IP_PKTINFO;
+                            (*c).cmsg_len =
+                                libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                            let mut info: libc::in_pktinfo = zeroed();
+                            info.ipi_spec_dst.s_addr = u32::from(self.tx_from[i]).to_be();
+                            std::ptr::write_unaligned(
+                                libc::CMSG_DATA(c) as *mut libc::in_pktinfo,
+                                info,
+                            );
+                            c = libc::CMSG_NXTHDR(h, c);
+                        }
+                        if segment {
+                            (*c).cmsg_level = libc::SOL_UDP;
+                            (*c).cmsg_type = libc::UDP_SEGMENT;
+                            (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                            std::ptr::write_unaligned(
+                                libc::CMSG_DATA(c) as *mut u16,
+                                self.tx_lens[i] as u16,
+                            );
+                        }
                     }
+                    spans[count] = (i, end);
+                    count += 1;
+                    i = end;
                 }
                 libc::sendmmsg(self.fd, msgs.as_mut_ptr(), count as u32, libc::MSG_DONTWAIT)
             };
             if sent > 0 {
-                start += sent as usize;
+                for &(a, b) in &spans[..sent as usize] {
+                    if b - a > 1 {
+                        self.gso_messages += 1;
+                        self.gso_segments += (b - a) as u64;
+                    }
+                }
+                start = spans[sent as usize - 1].1;
                 continue;
             }
             let err = io::Error::last_os_error();
@@ -297,10 +413,19 @@ impl UdpTx {
                 self.send_drops += (self.tx_count - start) as u64;
                 break;
             }
-            // This one datagram was refused (unreachable, filtered, ...):
-            // skip it and send the others.
-            self.send_drops += 1;
-            start += 1;
+            let (a, b) = spans[0];
+            if b - a > 1 && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL)) {
+                // The kernel or the device cannot segment (no checksum
+                // offload on the route, a segment over the path MTU): send
+                // one by one from now on, this run included.
+                self.gso = false;
+                self.gso_refused = true;
+                continue;
+            }
+            // This message was refused (unreachable, filtered, ...): skip
+            // its datagrams and send the others.
+            self.send_drops += (b - a) as u64;
+            start = b;
         }
         self.tx_count = 0;
     }
@@ -338,5 +463,77 @@ mod tests {
         assert_eq!(&buf[..n], b"pong");
         assert_eq!(from, a_addr);
         assert_eq!(a.rx.recv_batch().unwrap(), 0);
+    }
+
+    /// Sends `plan` (receiver index, size, fill byte) and returns what each
+    /// receiver got, in order, and the sender's GSO counts.
+    fn send_plan(gso: bool, plan: &[(usize, usize, u8)]) -> (Vec<Vec<Vec<u8>>>, u64, u64) {
+        let mut a = UdpIo::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 0).unwrap();
+        a.set_gso(gso);
+        assert_eq!(a.gso(), gso, "this kernel must have UDP GSO (Linux 4.18+)");
+        let from: SocketAddr = format!("127.0.0.1:{}", a.local_port()).parse().unwrap();
+        let rx: Vec<_> = (0..2)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        for &(r, size, fill) in plan {
+            a.tx.send(from, rx[r].local_addr().unwrap(), &vec![fill; size]);
+        }
+        a.tx.flush();
+        assert_eq!(a.tx.send_drops, 0);
+        let got = rx
+            .iter()
+            .enumerate()
+            .map(|(r, sock)| {
+                sock.set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                    .unwrap();
+                let mut buf = [0u8; 4096];
+                (0..plan.iter().filter(|p| p.0 == r).count())
+                    .map(|_| {
+                        let n = sock.recv(&mut buf).unwrap();
+                        buf[..n].to_vec()
+                    })
+                    .collect()
+            })
+            .collect();
+        (got, a.tx.gso_messages, a.tx.gso_segments)
+    }
+
+    #[test]
+    fn gso_sends_runs_of_one_size_to_one_address_as_single_messages() {
+        // A frame of five full packets and a short one to receiver 0, three
+        // to receiver 1, one more to receiver 0: two GSO messages and one
+        // plain datagram, and every datagram arrives whole and in order.
+        let mut plan: Vec<(usize, usize, u8)> = (0..5).map(|i| (0, 1000, i)).collect();
+        plan.push((0, 300, 5));
+        plan.extend((0..3).map(|i| (1, 500, 10 + i)));
+        plan.push((0, 1000, 20));
+        for gso in [true, false] {
+            let (got, messages, segments) = send_plan(gso, &plan);
+            for (r, got) in got.iter().enumerate() {
+                let want: Vec<Vec<u8>> = plan
+                    .iter()
+                    .filter(|p| p.0 == r)
+                    .map(|&(_, size, fill)| vec![fill; size])
+                    .collect();
+                assert_eq!(*got, want, "receiver {r}, gso {gso}");
+            }
+            assert_eq!((messages, segments), if gso { (2, 9) } else { (0, 0) });
+        }
+    }
+
+    #[test]
+    fn gso_runs_stop_at_a_larger_datagram_and_at_64_segments() {
+        // 70 of one size: 64 in one message, the other 6 in a second. Then
+        // a larger one starts a message of its own.
+        let mut plan: Vec<(usize, usize, u8)> = (0..70).map(|i| (0, 200, i as u8)).collect();
+        plan.push((0, 201, 99));
+        plan.push((0, 201, 100));
+        let (got, messages, segments) = send_plan(true, &plan);
+        assert_eq!(got[0].len(), 72);
+        assert!(got[0]
+            .iter()
+            .zip(&plan)
+            .all(|(g, p)| g.len() == p.1 && g[0] == p.2));
+        assert_eq!((messages, segments), (3, 72));
     }
 }
