@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 
 import pytest
 
-from netlab import REPO, lab, start_lab_server, stop_moselle
+from netlab import lab, start_lab_server, stop_moselle
 
+import lk_client_proc
 from moselle_helpers import Client, run, unique_room, wait_until
-
-PUBLISHER = REPO / "tests" / "python" / "lk_client_proc.py"
 
 W, H, FPS = 1280, 720, 20
 
@@ -53,16 +51,13 @@ def test_python_subscriber_on_a_weak_link_gets_lower_layers_then_a_pause_with_au
     shape(the_lab, None)
     notes: list[str] = []
 
-    publisher = subprocess.Popen(
-        ["ip", "netns", "exec", the_lab.ns_proxy, sys.executable, str(PUBLISHER), server.url,
-         server.token("alice", room), "--video", f"{W}x{H}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(PUBLISHER.parent))
+    publisher = lk_client_proc.start(server.url, server.token("alice", room), netns=the_lab.ns_proxy,
+                                     video=f"{W}x{H}", stderr=subprocess.STDOUT)
 
     async def scenario():
         sub = Client("bob")
         try:
-            line = await asyncio.wait_for(asyncio.to_thread(publisher.stdout.readline), 30)
-            assert line.strip() == "connected", f"publisher process: {line!r}"
+            await lk_client_proc.connected(publisher, "publisher process")
             await sub.connect(server.url, server.token("bob", room))
 
             def video():

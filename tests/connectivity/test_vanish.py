@@ -12,15 +12,15 @@ namespace, so the hub's bridge can drop all of V's traffic and nothing of A's:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import sys
 import time
 
 from livekit import rtc
 
-from netlab import REPO, _nft, lab, start_lab_server, stop_moselle
+from netlab import _nft, lab, start_lab_server, stop_moselle
+
+import lk_client_proc
 
 from moselle_helpers import Client, run, unique_room, wait_until
 
@@ -56,14 +56,9 @@ def test_a_client_whose_network_vanishes_is_removed_and_the_others_told(tmp_path
             room = unique_room("vanish-net")
             async with Client("A") as a:
                 await a.connect(server.url, server.token("A", room))
-                victim = subprocess.Popen(
-                    ["ip", "netns", "exec", the_lab.ns_proxy, sys.executable,
-                     str(REPO / "tests" / "python" / "lk_client_proc.py"), server.url, server.token("V", room)],
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                )
+                victim = lk_client_proc.start(server.url, server.token("V", room), netns=the_lab.ns_proxy)
                 try:
-                    line = await asyncio.wait_for(asyncio.to_thread(victim.stdout.readline), 30)
-                    assert line.strip() == "connected", line
+                    await lk_client_proc.connected(victim, "V")
                     await wait_until(
                         lambda: any(st.frames >= 50 for st in a.probe.audio_from("V")), 15,
                         lambda: f"A should hear V first: {[s.describe() for s in a.probe.audio_from('V')]}")

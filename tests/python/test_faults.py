@@ -11,13 +11,12 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from livekit import rtc
 
+import lk_client_proc
 from conftest import start_moselle, stop_moselle
 from moselle_helpers import Client, run, unique_room, wait_until
 
@@ -48,13 +47,9 @@ def test_a_client_that_vanishes_is_removed_and_the_others_told(tmp_path):
             room = unique_room("vanish")
             async with Client("A") as a:
                 await a.connect(server.url, server.token("A", room))
-                proc = subprocess.Popen(
-                    [sys.executable, str(HERE / "lk_client_proc.py"), server.url, server.token("V", room)],
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                )
+                proc = lk_client_proc.start(server.url, server.token("V", room))
                 try:
-                    line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-                    assert line.strip() == "connected", line
+                    await lk_client_proc.connected(proc, "V")
                     await hears(a, "V", "before it vanishes")
                     t0 = time.monotonic()
                     proc.send_signal(signal.SIGSTOP)

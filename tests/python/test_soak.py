@@ -21,12 +21,12 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import lk_client_proc
 from conftest import start_moselle, stop_moselle
 from moselle_helpers import run, unique_room
 from soak_client import Tally
@@ -78,13 +78,9 @@ async def killer(server, rooms: list[str], deadline: float, rng: random.Random, 
     while time.monotonic() < deadline - 10:
         n += 1
         room = rng.choice(rooms)
-        proc = subprocess.Popen(
-            [sys.executable, str(HERE / "lk_client_proc.py"), server.url, server.token(f"victim-{n}", room)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )
+        proc = lk_client_proc.start(server.url, server.token(f"victim-{n}", room))
         try:
-            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-            assert line.strip() == "connected", f"victim-{n} did not connect: {line!r}"
+            await lk_client_proc.connected(proc, f"victim-{n}")
             await asyncio.sleep(rng.uniform(3, 8))
         finally:
             proc.send_signal(signal.SIGKILL)
