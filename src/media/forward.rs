@@ -13,6 +13,18 @@ pub enum Verdict {
     Forward { seq: u64, ts: u32 },
 }
 
+/// Where an outgoing stream stopped: the next stream sent on the same SSRC
+/// (a subscriber's m-line given to another track) continues from it. A
+/// receiver keeps its jitter buffer per SSRC and drops a keyframe whose
+/// timestamp is not ahead of the last it decoded (libwebrtc), so starting
+/// over from the new publisher's numbers froze such a line for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTail {
+    seq: u64,
+    ts: u32,
+    at: Instant,
+}
+
 #[derive(Debug, Clone)]
 pub struct Forwarder {
     clock_rate: u32,
@@ -103,6 +115,25 @@ impl Forwarder {
 
     pub fn current(&self) -> Option<Layer> {
         self.current
+    }
+
+    /// Where this stream stands, once something was sent.
+    pub fn tail(&self) -> Option<StreamTail> {
+        let at = self.last_at.filter(|_| self.started)?;
+        Some(StreamTail {
+            seq: self.last_out_seq,
+            ts: self.last_out_ts,
+            at,
+        })
+    }
+
+    /// Continue the stream that ended at `tail` (same SSRC): the first
+    /// packet is numbered as after a layer switch.
+    pub fn continue_from(&mut self, tail: StreamTail) {
+        self.last_out_seq = tail.seq;
+        self.last_out_ts = tail.ts;
+        self.last_at = Some(tail.at);
+        self.started = true;
     }
 
     /// Whether a keyframe on the goal layer is awaited.
@@ -247,6 +278,49 @@ mod tests {
         assert_eq!(
             f.on_packet(0, 101, 1960, false, t),
             Verdict::Forward { seq: 101, ts: 1960 }
+        );
+    }
+
+    /// A new track on a subscriber's reused m-line (same SSRC) continues
+    /// the old one's numbering, whatever numbers its publisher starts at.
+    #[test]
+    fn a_new_track_on_the_same_line_continues_its_numbers() {
+        let t0 = Instant::now();
+        let mut old = Forwarder::new(true, 90000, 0);
+        assert!(old.tail().is_none(), "nothing sent, nothing to continue");
+        old.on_packet(0, 40_000, 3_000_000_000, true, t0);
+        old.on_packet(0, 40_001, 3_000_003_000, false, t0);
+        let tail = old.tail().expect("sent");
+        // The new publisher's numbers lie behind the old ones.
+        let t1 = t0 + Duration::from_secs(2);
+        let mut new = Forwarder::new(true, 90000, 0);
+        new.continue_from(tail);
+        assert_eq!(new.on_packet(0, 7, 1_000, false, t1), Verdict::Drop);
+        assert_eq!(
+            new.on_packet(0, 8, 1_000, true, t1),
+            Verdict::Forward {
+                seq: 40_002,
+                ts: 3_000_003_000 + 180_000
+            }
+        );
+        assert_eq!(
+            new.on_packet(0, 9, 4_000, false, t1),
+            Verdict::Forward {
+                seq: 40_003,
+                ts: 3_000_003_000 + 180_000 + 3_000
+            }
+        );
+        // Audio too: the first packet continues.
+        let mut a = Forwarder::new(false, 48000, 0);
+        a.on_packet(0, 65_000, 10, false, t0);
+        let mut b = Forwarder::new(false, 48000, 0);
+        b.continue_from(a.tail().expect("sent"));
+        assert_eq!(
+            b.on_packet(0, 3, 999, false, t0 + Duration::from_millis(20)),
+            Verdict::Forward {
+                seq: 65_001,
+                ts: 10 + 960
+            }
         );
     }
 

@@ -11,7 +11,7 @@ use str0m::change::SdpOffer;
 use str0m::media::Mid;
 
 use super::engine::{error_to, Core};
-use super::forward::Forwarder;
+use super::forward::{Forwarder, StreamTail};
 use super::participant::{Participant, PcRole, SendSlot, SlotState};
 use super::sdp::{self, Dir, Kind, SendSlotView};
 use crate::metrics::MediaCounters;
@@ -90,11 +90,12 @@ impl Core {
             {
                 continue;
             }
-            let prev = p.slots.iter().find(|x| x.mid == s.mid).map(|x| x.state);
+            let prev = p.slots.iter().find(|x| x.mid == s.mid);
             slots.push(SendSlot {
                 mid: s.mid.clone(),
                 kind: s.kind,
-                state: prev.unwrap_or(SlotState::Free),
+                state: prev.map_or(SlotState::Free, |x| x.state),
+                tail: prev.and_then(|x| x.tail),
             });
         }
         // Subscriptions whose slot vanished go back to waiting.
@@ -183,18 +184,18 @@ impl Core {
         let room = p.room;
         // Make assigned subscriptions live: first gather what they need
         // from their publishers, then update them.
-        let pending: Vec<(usize, String, usize)> = p
+        let pending: Vec<(usize, String, usize, Option<StreamTail>)> = p
             .slots
             .iter()
             .filter_map(|s| match s.state {
                 SlotState::Assigned(sk) if p.subs.get(sk).is_some_and(|x| !x.live) => {
-                    Some((sk, s.mid.clone(), p.subs[sk].track))
+                    Some((sk, s.mid.clone(), p.subs[sk].track, s.tail))
                 }
                 _ => None,
             })
             .collect();
         let mut ready = Vec::new();
-        for (sk, mid, tk) in pending {
+        for (sk, mid, tk, tail) in pending {
             let Some(t) = self.rooms[room].tracks.get(tk) else {
                 continue;
             };
@@ -215,14 +216,14 @@ impl Core {
                     }
                 }
             }
-            ready.push((sk, mid, tk, map, t.kind, t.clock_rate()));
+            ready.push((sk, mid, tk, map, t.kind, t.clock_rate(), tail));
         }
         let Some(p) = self.parts.get_mut(key) else {
             return;
         };
         let mut kf = Vec::new();
         let mut video_mids = Vec::new();
-        for (sk, mid, tk, map, kind, clock) in ready {
+        for (sk, mid, tk, map, kind, clock, tail) in ready {
             let Some(sub) = p.subs.get_mut(sk) else {
                 continue;
             };
@@ -235,6 +236,9 @@ impl Core {
             let available = sub.fwd.available();
             sub.fwd = Forwarder::new(kind == Kind::Video, clock, sub.fwd.target);
             sub.fwd.set_available(available);
+            if let Some(t) = tail {
+                sub.fwd.continue_from(t);
+            }
             if kind == Kind::Video {
                 kf.push((tk, sub.fwd.goal()));
             }
@@ -348,6 +352,7 @@ impl Core {
                 mid: mid.to_string(),
                 kind: sub.kind,
                 state: SlotState::Assigned(sk),
+                tail: None,
             });
             sub.slot = Some(slots.len() - 1);
         }

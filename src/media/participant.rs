@@ -14,7 +14,7 @@ use str0m::Rtc;
 
 use super::allocate::Hold;
 use super::fallback::Rung;
-use super::forward::{Forwarder, Layer};
+use super::forward::{Forwarder, Layer, StreamTail};
 use super::sdp::{Kind, SdpInfo};
 use crate::config::LimitsConfig;
 use crate::metrics::Limit;
@@ -145,6 +145,8 @@ pub struct SendSlot {
     pub mid: String,
     pub kind: Kind,
     pub state: SlotState,
+    /// Where the last track sent on this line stopped (its SSRC stays).
+    pub tail: Option<StreamTail>,
 }
 
 /// One subscription: a room track forwarded to this participant.

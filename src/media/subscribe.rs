@@ -78,6 +78,7 @@ impl Core {
         };
         if let Some(slot) = sub.slot.and_then(|s| p.slots.get_mut(s)) {
             slot.state = SlotState::Releasing;
+            slot.tail = sub.fwd.tail().or(slot.tail);
         }
         if let Some(t) = self
             .rooms

@@ -51,6 +51,9 @@ NEW_FRAMES = 40  # decoded after recovery: 2 s of video at 20 fps
 # STUN deadline for new ICE-TCP connections (5 s), so standby TCP pairs are in their steady state.
 STEADY_S = 6.0
 TCP_METRICS = ("tcp_connections", "tcp_accepted_total", "tcp_rejected_total", "tcp_timeouts_total")
+# What the server did for the video after the blackhole (in the report).
+AFTER_METRICS = (*TCP_METRICS, "tcp_send_drops_total", "keyframe_requests_total", "keyframe_requests_ignored_total",
+                 "bandwidth_pauses_total")
 SERVER_LOG_LEVEL = "info,moselle=debug,str0m=warn"
 
 
@@ -186,10 +189,17 @@ def _cand(c) -> str:
 
 def ice_view(stats: list[rtc.stats.RtcStats]) -> dict:
     """One peer connection's selected pairs and remote candidates."""
-    pairs, local, remote, transports = {}, {}, {}, []
+    pairs, local, remote, transports, inbound = {}, {}, {}, [], []
     for s in stats:
         kind = s.WhichOneof("stats")
-        if kind == "candidate_pair":
+        if kind == "inbound_rtp" and s.inbound_rtp.stream.kind == "video":
+            r = s.inbound_rtp
+            inbound.append(f"ssrc {r.stream.ssrc} mid {r.inbound.mid}: {r.received.packets_received} packets "
+                           f"({r.received.packets_lost} lost, {r.inbound.packets_discarded} discarded), "
+                           f"frames {r.inbound.frames_received} received, {r.inbound.frames_decoded} decoded, "
+                           f"{r.inbound.key_frames_decoded} key, {r.inbound.frames_dropped} dropped; "
+                           f"sent PLI {r.inbound.pli_count}, NACK {r.inbound.nack_count}")
+        elif kind == "candidate_pair":
             pairs[s.candidate_pair.rtc.id] = s.candidate_pair.candidate_pair
         elif kind == "local_candidate":
             local[s.local_candidate.rtc.id] = s.local_candidate.candidate
@@ -217,7 +227,7 @@ def ice_view(stats: list[rtc.stats.RtcStats]) -> dict:
         f"{rtc.stats.IceCandidatePairState.Name(p.state).lower().removeprefix('pair_')}"
         + (" nominated" if p.nominated else "") for p in pairs.values())
     return {"selected": selected, "remote": sorted({_cand(c) for c in remote.values()}), "pairs": everything,
-            "local": sorted({_cand(c) for c in local.values()})}
+            "local": sorted({_cand(c) for c in local.values()}), "inbound": inbound}
 
 
 async def ice_report(c: Client) -> dict[str, dict]:
@@ -238,6 +248,7 @@ def describe_ice(who: str, rep: dict[str, dict]) -> list[str]:
         lines.append(f"  {who} {pc} remote candidates: {', '.join(v['remote']) or '-'}")
         lines.append(f"  {who} {pc} candidate pairs: {', '.join(v['pairs']) or '-'}; "
                      f"local candidates: {', '.join(v['local']) or '-'}")
+        lines += [f"  {who} {pc} video in: {i}" for i in v["inbound"]]
     return lines
 
 
@@ -275,8 +286,8 @@ async def start_call(server, room: str, stack: contextlib.AsyncExitStack) -> tup
     return a, b
 
 
-def tcp_metrics(server) -> str:
-    return ", ".join(f"{m} {server.metric(m):.0f}" for m in TCP_METRICS)
+def tcp_metrics(server, names: tuple[str, ...] = TCP_METRICS) -> str:
+    return ", ".join(f"{m} {server.metric(m):.0f}" for m in names)
 
 
 def how_recovered(c: Client, sid_before: str, since: int) -> str:
@@ -371,6 +382,7 @@ def test_udp_dies_mid_call_the_call_goes_on_over_tcp(the_lab, server):
             out["fallbacks"] = fallbacks(server) - f0
             out["how"] = {c.identity: how_recovered(c, sids[c.identity], since[c.identity]) for c in clients}
             out["ice"] = [line for c in clients for line in describe_ice(c.identity, reps.get(c.identity, {}))]
+            out["ice"].append(f"  server: {tcp_metrics(server, AFTER_METRICS)}")
             out["frames"] = []
             for ck in clocks:
                 gap = ck.largest_gap_after(t0)

@@ -210,6 +210,45 @@ def test_unsubscribe_and_resubscribe(server, pc_mode):
     run(scenario, timeout=90)
 
 
+def test_new_publishers_on_reused_lines(server):
+    """A (one peer connection) stays while publishers come and go one after the other: each
+    new camera is sent on the m-line the last one left, so on the same SSRC towards A, and A
+    must decode it. The new publisher's sequence numbers and timestamps start anywhere; if
+    they are not made to continue the line's, A's libwebrtc drops every frame whose timestamp
+    is behind the last it decoded (half of all cases: this froze the call in the UDP-to-TCP
+    fallback). Dual PC never reuses a line, so single PC only."""
+    room = unique_room("reuse")
+    rounds = 4
+
+    async def inbound_video_lines(c: Client) -> set[tuple[str, int]]:
+        st = await c.room.get_rtc_stats()
+        return {(s.inbound_rtp.inbound.mid, s.inbound_rtp.stream.ssrc)
+                for s in [*st.publisher_stats, *st.subscriber_stats]
+                if s.WhichOneof("stats") == "inbound_rtp" and s.inbound_rtp.stream.kind == "video"}
+
+    async def scenario():
+        async with Client("A") as a:
+            await a.connect(server.url, server.token("A", room), single_peer_connection=True)
+            seen: list[set[tuple[str, int]]] = []
+            for i in range(rounds):
+                who = f"P{i}"
+                async with Client(who) as p:
+                    await p.connect(server.url, server.token(who, room), single_peer_connection=True)
+                    vpub = await p.publish_video(320, 180, 20, simulcast=False, chroma=(40 + 50 * i, 200))
+                    await a.events.wait_for("track_subscribed", _pub_sid(vpub.sid), EVENT_TIMEOUT_S, f"{who}'s video")
+                    await _wait_video(a, vpub.sid, who)
+                    seen.append(await inbound_video_lines(a))
+                    mark = a.events.mark()
+                    await p.disconnect()
+                    await a.events.wait_for("participant_disconnected", lambda q, *_: q.identity == who,
+                                            EVENT_TIMEOUT_S, f"{who} gone", since=mark)
+            # The point of the test: lines were reused (fewer lines than publishers, one SSRC each).
+            lines = set().union(*seen)
+            assert len({mid for mid, _ in lines}) < rounds, f"no m-line was reused: {seen}"
+
+    run(scenario, timeout=150)
+
+
 def test_single_and_dual_pc_clients_in_one_room(server):
     """A on /rtc/v1 (one connection), B on /rtc (two): each gets the other's media."""
     room = unique_room("mixed")
