@@ -849,15 +849,21 @@ impl Core {
         {
             return;
         }
-        let Some(ssrc) = t.layer_ssrc[l] else { return };
+        let Some(ssrc) = t.layer_ssrc[l] else {
+            tracing::debug!(track = %t.sid, layer, "keyframe wanted from a layer not seen yet");
+            return;
+        };
         t.last_keyframe_request[l] = Some(now);
         let publisher = t.publisher;
         if let Some(p) = self.parts.get_mut(publisher) {
             let mut api = p.peer.rtc.direct_api();
             if let Some(rx) = api.stream_rx(&ssrc) {
+                tracing::debug!(track = %t.sid, layer, "keyframe requested");
                 rx.request_keyframe(KeyframeRequestKind::Pli);
                 MediaCounters::add(&self.counters.keyframe_requests, 1);
                 Self::mark_dirty(&mut self.dirty, &mut self.is_dirty, publisher);
+            } else {
+                tracing::debug!(track = %t.sid, layer, "keyframe wanted from a stream str0m does not know");
             }
         }
     }
