@@ -24,6 +24,8 @@ command -v turnserver >/dev/null || need_apt+=(coturn)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 # The Debian package test traces the installed server (tests/package/run.sh).
 command -v strace >/dev/null || need_apt+=(strace)
+# The peer SFU the load generator measures side by side (loadtest/janus.sh).
+command -v janus >/dev/null || need_apt+=(janus)
 if ((${#need_apt[@]})); then
     step "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -65,6 +67,13 @@ cargo test --workspace
 # each from the seeds (scripts/fuzz.sh SECONDS runs them for longer).
 step "fuzz: each target for 3 s (scripts/fuzz.sh --dev 3)"
 scripts/fuzz.sh --dev 3
+
+# The generator's Janus VideoRoom client against the real Janus, beside
+# Moselle (seconds, small sizes: it checks media flows, it is no benchmark).
+step "load generator: Moselle and Janus side by side (loadtest/janus.sh --smoke)"
+LOADTEST_BIN="$root/target/debug/loadtest" loadtest/janus.sh --smoke --quiet \
+    --scenario meeting --scenario livestream --out "$root/target/janus-smoke"
+loadtest/check-side-by-side.py "$root/target/janus-smoke/report.json"
 
 # --- Real clients ----------------------------------------------------------
 step "conformance: LiveKit Python SDK"

@@ -32,7 +32,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::media::{self, OpusLoop, Vp8Layer, LAYERS_720P};
-use crate::stats::{now_us, Stats};
+use crate::stats::{now_us, JoinPhase, JoinSteps, Stats};
 
 const SDES_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 const SDES_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
@@ -110,6 +110,7 @@ struct Handler {
     ctx: Arc<Ctx>,
     joined_at: u64,
     first_media: Arc<AtomicU64>,
+    steps: Arc<JoinSteps>,
 }
 
 #[async_trait::async_trait]
@@ -120,13 +121,17 @@ impl PeerConnectionEventHandler for Handler {
         }
     }
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        if state == RTCPeerConnectionState::Connected {
+            self.steps.mark(JoinPhase::Connected, self.joined_at);
+        }
         let _ = self.state.send(state);
     }
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         let ctx = self.ctx.clone();
         let joined_at = self.joined_at;
         let first_media = self.first_media.clone();
-        tokio::spawn(read_track(ctx, track, joined_at, first_media));
+        let steps = self.steps.clone();
+        tokio::spawn(read_track(ctx, track, joined_at, first_media, steps));
     }
 }
 
@@ -137,6 +142,7 @@ async fn read_track(
     track: Arc<dyn TrackRemote>,
     joined_at: u64,
     first_media: Arc<AtomicU64>,
+    steps: Arc<JoinSteps>,
 ) {
     let video = track.kind().await == RtpCodecKind::Video;
     let s = &ctx.stats;
@@ -156,6 +162,7 @@ async fn read_track(
             let since = ctx.media_since.load(Relaxed);
             if since != 0 && since <= joined_at {
                 s.join_us.record(now.saturating_sub(joined_at));
+                steps.record(&s.join_phase_us);
             }
         }
         let st = seqs
@@ -200,9 +207,9 @@ fn vp8_codec() -> RTCRtpCodec {
     }
 }
 
-struct Pc {
-    pc: Arc<dyn PeerConnection>,
-    gathered: Arc<Notify>,
+pub(crate) struct Pc {
+    pub(crate) pc: Arc<dyn PeerConnection>,
+    pub(crate) gathered: Arc<Notify>,
     state: watch::Receiver<RTCPeerConnectionState>,
     /// The server's passive TCP candidates were handed to the ICE agent.
     dialled: Arc<AtomicBool>,
@@ -240,7 +247,12 @@ async fn dial_tcp_candidates(
     Ok(())
 }
 
-async fn new_pc(ctx: &Arc<Ctx>, joined_at: u64, first_media: Arc<AtomicU64>) -> anyhow::Result<Pc> {
+pub(crate) async fn new_pc(
+    ctx: &Arc<Ctx>,
+    joined_at: u64,
+    first_media: Arc<AtomicU64>,
+    steps: Arc<JoinSteps>,
+) -> anyhow::Result<Pc> {
     let mut me = MediaEngine::default();
     me.register_codec(
         RTCRtpCodecParameters {
@@ -270,6 +282,7 @@ async fn new_pc(ctx: &Arc<Ctx>, joined_at: u64, first_media: Arc<AtomicU64>) -> 
         ctx: ctx.clone(),
         joined_at,
         first_media,
+        steps,
     });
     let local = vec![format!("{}:0", ctx.bind_ip)];
     let (udp, tcp) = match ctx.transport {
@@ -295,11 +308,14 @@ async fn new_pc(ctx: &Arc<Ctx>, joined_at: u64, first_media: Arc<AtomicU64>) -> 
 }
 
 impl Pc {
-    async fn local_with_candidates(&self, desc: RTCSessionDescription) -> anyhow::Result<String> {
+    pub(crate) async fn local_with_candidates(
+        &self,
+        desc: RTCSessionDescription,
+    ) -> anyhow::Result<String> {
         set_local(&self.pc, &self.gathered, desc).await
     }
 
-    async fn wait_connected(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn wait_connected(&mut self) -> anyhow::Result<()> {
         let r = tokio::time::timeout(
             SETUP_TIMEOUT,
             self.state.wait_for(|s| {
@@ -330,7 +346,7 @@ fn sdp_msg(kind: &str, sdp: String) -> lk::SessionDescription {
 }
 
 /// A published track ready to send: the ids the answer negotiated.
-struct Outgoing {
+pub(crate) struct Outgoing {
     track: Arc<TrackLocalStaticRTP>,
     mid: Bytes,
     mid_ext: Option<u8>,
@@ -429,14 +445,16 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
     let token = ctx.keys.mint(&ctx.key, &claims)?;
     let single = ctx.flavor == Flavor::V1;
     let (join, mut sig) = crate::signal::connect(&ctx.url, &token, single).await?;
+    let join_steps = Arc::new(JoinSteps::default());
+    join_steps.mark(JoinPhase::Signal, joined_at);
     let first_media = Arc::new(AtomicU64::new(0));
     // The connection we offer on, and (two-connection flavour) the one
     // the server offers on.
-    let mut offerer = new_pc(&ctx, joined_at, first_media.clone()).await?;
+    let mut offerer = new_pc(&ctx, joined_at, first_media.clone(), join_steps.clone()).await?;
     let answerer = if single {
         None
     } else {
-        Some(new_pc(&ctx, joined_at, first_media.clone()).await?)
+        Some(new_pc(&ctx, joined_at, first_media.clone(), join_steps.clone()).await?)
     };
     if single {
         // As the SDKs do: the first offer carries the data channel.
@@ -511,6 +529,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
             };
             match m {
                 Resp::Offer(o) => {
+                    join_steps.mark(JoinPhase::Subscribe, joined_at);
                     let Some(ans) = &answerer else { continue };
                     let r = async {
                         ans.pc
@@ -520,6 +539,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                         let a = ans.pc.create_answer(None).await?;
                         let sdp = ans.local_with_candidates(a).await?;
                         let _ = req_tx.send(Req::Answer(sdp_msg("answer", sdp)));
+                        join_steps.mark(JoinPhase::Answer, joined_at);
                         anyhow::Ok(())
                     }
                     .await;
@@ -533,6 +553,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                         Err(e) => Err(e),
                     };
                     if r.is_ok() {
+                        join_steps.mark(JoinPhase::Answer, joined_at);
                         if let Err(e) = dial_tcp_candidates(&off_pc, &off_dialled, &a.sdp).await {
                             tracing::warn!(error = %e, "TCP candidates refused");
                         }
@@ -548,6 +569,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                     }
                 }
                 Resp::MediaSectionsRequirement(r) => {
+                    join_steps.mark(JoinPhase::Subscribe, joined_at);
                     // Room for more subscriptions: receive-only m-lines.
                     let kinds =
                         std::iter::repeat_n(RtpCodecKind::Audio, r.num_audios as usize).chain(
@@ -614,7 +636,10 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
 }
 
 /// Create an offer, set it, and return it with its candidates.
-async fn offer(pc: &Arc<dyn PeerConnection>, gathered: &Arc<Notify>) -> anyhow::Result<String> {
+pub(crate) async fn offer(
+    pc: &Arc<dyn PeerConnection>,
+    gathered: &Arc<Notify>,
+) -> anyhow::Result<String> {
     let o = pc.create_offer(None).await?;
     set_local(pc, gathered, o).await
 }
@@ -650,39 +675,19 @@ async fn publish(
     mut n: Negotiation<'_>,
 ) -> anyhow::Result<Vec<(Outgoing, Source)>> {
     let tx = n.tx;
-    let pc = &publisher.pc;
-    let stream = format!("{}-stream", plan.identity);
-    let mut pending = Vec::new();
-    let base_ssrc: u32 = rand::random::<u32>() & 0xffff_ff00;
     if plan.audio {
-        let cid = format!("{}-mic", plan.identity);
         let _ = tx.send(Req::AddTrack(lk::AddTrackRequest {
-            cid: cid.clone(),
+            cid: format!("{}-mic", plan.identity),
             name: "microphone".into(),
             r#type: lk::TrackType::Audio as i32,
             source: lk::TrackSource::Microphone as i32,
             ..Default::default()
         }));
-        let codec = opus_codec();
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            stream.clone(),
-            cid.clone(),
-            "microphone".into(),
-            RtpCodecKind::Audio,
-            vec![encoding(&codec, "", base_ssrc)],
-        )));
-        let tr = add_sender(pc, &track).await?;
-        let src = Source::Audio {
-            opus: OpusLoop::new(base_ssrc as u64)?,
-            ssrc: base_ssrc,
-        };
-        pending.push((tr, track, src));
     }
     if plan.video {
-        let cid = format!("{}-camera", plan.identity);
         let top = LAYERS_720P[2];
         let _ = tx.send(Req::AddTrack(lk::AddTrackRequest {
-            cid: cid.clone(),
+            cid: format!("{}-camera", plan.identity),
             name: "camera".into(),
             r#type: lk::TrackType::Video as i32,
             source: lk::TrackSource::Camera as i32,
@@ -701,32 +706,8 @@ async fn publish(
                 .collect(),
             ..Default::default()
         }));
-        let codec = vp8_codec();
-        let encodings = LAYERS_720P
-            .iter()
-            .enumerate()
-            .map(|(i, l)| encoding(&codec, l.rid, base_ssrc + 1 + i as u32))
-            .collect();
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            stream.clone(),
-            cid.clone(),
-            "camera".into(),
-            RtpCodecKind::Video,
-            encodings,
-        )));
-        let tr = add_sender(pc, &track).await?;
-        let layers = LAYERS_720P
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                (
-                    Vp8Layer::new(*l, base_ssrc as u64 + i as u64),
-                    base_ssrc + 1 + i as u32,
-                )
-            })
-            .collect();
-        pending.push((tr, track, Source::Video { layers }));
     }
+    let pending = add_senders(plan, &publisher.pc).await?;
     // The SDKs wait for every TrackPublished before offering.
     let want = pending.len();
     for _ in 0..want {
@@ -745,6 +726,75 @@ async fn publish(
         .context("no answer to the publish offer")?
         .map_err(|_| anyhow!("signaling closed"))?;
     publisher.wait_connected().await?;
+    ready_senders(pending).await
+}
+
+/// A sender added to a peer connection, not negotiated yet.
+pub(crate) type PendingSender = (
+    Arc<dyn webrtc::rtp_transceiver::RtpTransceiver>,
+    Arc<TrackLocalStaticRTP>,
+    Source,
+);
+
+/// The plan's microphone and simulcast camera as send-only transceivers
+/// (track ids `<identity>-mic` and `<identity>-camera`).
+pub(crate) async fn add_senders(
+    plan: &Plan,
+    pc: &Arc<dyn PeerConnection>,
+) -> anyhow::Result<Vec<PendingSender>> {
+    let stream = format!("{}-stream", plan.identity);
+    let mut pending = Vec::new();
+    let base_ssrc: u32 = rand::random::<u32>() & 0xffff_ff00;
+    if plan.audio {
+        let codec = opus_codec();
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            stream.clone(),
+            format!("{}-mic", plan.identity),
+            "microphone".into(),
+            RtpCodecKind::Audio,
+            vec![encoding(&codec, "", base_ssrc)],
+        )));
+        let tr = add_sender(pc, &track).await?;
+        let src = Source::Audio {
+            opus: OpusLoop::new(base_ssrc as u64)?,
+            ssrc: base_ssrc,
+        };
+        pending.push((tr, track, src));
+    }
+    if plan.video {
+        let codec = vp8_codec();
+        let encodings = LAYERS_720P
+            .iter()
+            .enumerate()
+            .map(|(i, l)| encoding(&codec, l.rid, base_ssrc + 1 + i as u32))
+            .collect();
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            stream.clone(),
+            format!("{}-camera", plan.identity),
+            "camera".into(),
+            RtpCodecKind::Video,
+            encodings,
+        )));
+        let tr = add_sender(pc, &track).await?;
+        let layers = LAYERS_720P
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                (
+                    Vp8Layer::new(*l, base_ssrc as u64 + i as u64),
+                    base_ssrc + 1 + i as u32,
+                )
+            })
+            .collect();
+        pending.push((tr, track, Source::Video { layers }));
+    }
+    Ok(pending)
+}
+
+/// After the answer: what each sender must put in its packets.
+pub(crate) async fn ready_senders(
+    pending: Vec<PendingSender>,
+) -> anyhow::Result<Vec<(Outgoing, Source)>> {
     let mut out = Vec::new();
     for (tr, track, src) in pending {
         out.push((outgoing(&tr, track).await?, src));
@@ -766,7 +816,7 @@ struct StreamState {
 
 /// Send every source at its own rate until `stop`. One task per
 /// participant, waking at the earliest due frame.
-async fn send_media(
+pub(crate) async fn send_media(
     ctx: &Arc<Ctx>,
     sends: Vec<(Outgoing, Source)>,
     layers_on: &[AtomicBool; 3],

@@ -4,6 +4,7 @@
 
 mod baseline;
 mod client;
+mod janus;
 mod media;
 mod report;
 mod scenario;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use scenario::{Kind, Measurement, RunOpts, Runner};
+use scenario::{Kind, Measurement, RunOpts, Runner, Target};
 
 #[derive(Parser, Debug)]
 #[command(name = "loadtest", about = "Load generator and benchmark for Moselle")]
@@ -53,6 +54,13 @@ struct Args {
     /// Seconds, small sizes: a check that everything flows, not a benchmark.
     #[arg(long)]
     smoke: bool,
+    /// Servers to run the scenarios against, one after the other (Janus:
+    /// Debian's `janus`, on a non-loopback address; see loadtest/janus.sh).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "moselle")]
+    target: Vec<Target>,
+    /// The interface Janus gathers ICE candidates on (it ignores loopback).
+    #[arg(long, default_value = "mlt0")]
+    janus_iface: String,
     /// Target this server (ws:// or http:// base) instead of starting one.
     #[arg(long, requires_all = ["key", "secret"])]
     url: Option<String>,
@@ -122,93 +130,111 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
     } else {
         args.workers.iter().map(|w| Some(*w)).collect()
     };
-    for workers in worker_counts {
-        for kind in &kinds {
-            let steps = steps(&args, *kind);
-            let server = match &args.url {
-                Some(url) => server::Server::remote(url),
-                None => {
-                    let bin = match &args.server_bin {
-                        Some(b) => b.clone(),
-                        None => std::env::current_exe()?
-                            .parent()
-                            .context("no directory for this executable")?
-                            .join("moselle"),
-                    };
-                    server::Server::start_local(
-                        &bin,
-                        args.ip,
-                        workers,
-                        &args.server_args,
-                        &args.out,
-                    )
-                    .await?
-                }
-            };
-            let (key, secret) = match (&args.key, &args.secret, &args.url) {
-                (Some(k), Some(s), _) => (k.clone(), s.clone()),
-                (_, _, None) => ("devkey".to_string(), "secret".to_string()),
-                _ => anyhow::bail!("--url needs --key and --secret"),
-            };
-            let runner = Runner {
-                ctx: scenario::context(
-                    server.ws_url.clone(),
-                    key,
-                    secret,
-                    args.ip,
-                    args.signal,
-                    args.transport,
-                ),
-                server,
-                cores,
-                quiet: args.quiet,
-            };
-            let mut held: Option<Measurement> = None;
-            let mut steps_done = Vec::new();
-            for (i, size) in steps.iter().enumerate() {
-                let opts = RunOpts {
-                    kind: *kind,
-                    size: *size,
-                    speakers: if args.smoke {
-                        args.speakers.min(2)
-                    } else {
-                        args.speakers
-                    },
-                    warmup: Duration::from_secs_f64(args.warmup.unwrap_or(if args.smoke {
-                        1.0
-                    } else {
-                        3.0
-                    })),
-                    window: Duration::from_secs_f64(args.window.unwrap_or(if args.smoke {
-                        2.0
-                    } else {
-                        10.0
-                    })),
-                    join_rate: args.join_rate,
-                    rooms: args.rooms.max(1),
+    for target in &args.target {
+        let worker_counts = if *target == Target::Janus {
+            vec![None]
+        } else {
+            worker_counts.clone()
+        };
+        for workers in worker_counts {
+            for kind in &kinds {
+                let steps = steps(&args, *kind);
+                let server = match (&args.url, target) {
+                    (_, Target::Janus) => {
+                        server::Server::start_janus(args.ip, &args.janus_iface, &args.out).await?
+                    }
+                    (Some(url), _) => server::Server::remote(url),
+                    (None, _) => {
+                        let bin = match &args.server_bin {
+                            Some(b) => b.clone(),
+                            None => std::env::current_exe()?
+                                .parent()
+                                .context("no directory for this executable")?
+                                .join("moselle"),
+                        };
+                        server::Server::start_local(
+                            &bin,
+                            args.ip,
+                            workers,
+                            &args.server_args,
+                            &args.out,
+                        )
+                        .await?
+                    }
                 };
-                let room = format!("{}-{}-{}-w{}", kind.name(), size, i, workers.unwrap_or(0));
-                let m = runner.run(&opts, &room).await?;
-                let ok = m.loss <= 0.01
-                    && m.delay_p99_ms.is_some_and(|d| d <= 50.0)
-                    && m.join_failures == 0;
-                eprintln!("{}", report::one_line(&m, ok));
-                let generator_bound = m.bottleneck == "generator";
-                steps_done.push(m.clone());
-                if ok && !generator_bound {
-                    held = Some(m);
-                } else if args.ramp {
-                    break;
+                let (key, secret) = match (&args.key, &args.secret, &args.url) {
+                    (Some(k), Some(s), _) => (k.clone(), s.clone()),
+                    (_, _, None) => ("devkey".to_string(), "secret".to_string()),
+                    _ => anyhow::bail!("--url needs --key and --secret"),
+                };
+                let runner = Runner {
+                    target: *target,
+                    ctx: scenario::context(
+                        server.ws_url.clone(),
+                        key,
+                        secret,
+                        args.ip,
+                        args.signal,
+                        args.transport,
+                    ),
+                    server,
+                    cores,
+                    quiet: args.quiet,
+                };
+                let mut held: Option<Measurement> = None;
+                let mut steps_done = Vec::new();
+                for (i, size) in steps.iter().enumerate() {
+                    let opts = RunOpts {
+                        kind: *kind,
+                        size: *size,
+                        speakers: if args.smoke {
+                            args.speakers.min(2)
+                        } else {
+                            args.speakers
+                        },
+                        warmup: Duration::from_secs_f64(args.warmup.unwrap_or(if args.smoke {
+                            1.0
+                        } else {
+                            3.0
+                        })),
+                        window: Duration::from_secs_f64(args.window.unwrap_or(if args.smoke {
+                            2.0
+                        } else {
+                            10.0
+                        })),
+                        join_rate: args.join_rate,
+                        rooms: args.rooms.max(1),
+                    };
+                    let room = format!(
+                        "{}-{}-{}-{}-w{}",
+                        target.name(),
+                        kind.name(),
+                        size,
+                        i,
+                        workers.unwrap_or(0)
+                    );
+                    let m = runner.run(&opts, &room).await?;
+                    let ok = m.loss <= 0.01
+                        && m.delay_p99_ms.is_some_and(|d| d <= 50.0)
+                        && m.join_failures == 0;
+                    eprintln!("{}", report::one_line(&m, ok));
+                    let generator_bound = m.bottleneck == "generator";
+                    steps_done.push(m.clone());
+                    if ok && !generator_bound {
+                        held = Some(m);
+                    } else if args.ramp {
+                        break;
+                    }
                 }
+                let base = if args.no_baseline || *target == Target::Janus {
+                    None
+                } else if let Some(m) = held.as_ref().or(steps_done.last()) {
+                    Some(baseline::measure_like(m, args.ip)?)
+                } else {
+                    None
+                };
+                report.add(*kind, workers, steps_done, held, base);
             }
-            let base = if args.no_baseline {
-                None
-            } else if let Some(m) = held.as_ref().or(steps_done.last()) {
-                Some(baseline::measure_like(m, args.ip)?)
-            } else {
-                None
-            };
-            report.add(*kind, workers, steps_done, held, base);
         }
     }
     report.finish()?;

@@ -36,6 +36,15 @@ pub struct Report {
     out: PathBuf,
 }
 
+/// The scenario, and the server when it is not Moselle.
+fn label(m: &Measurement) -> String {
+    if m.target == "moselle" || m.target.is_empty() {
+        m.scenario.clone()
+    } else {
+        format!("{}@{}", m.scenario, m.target)
+    }
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}"))
         .unwrap_or_else(|| "-".into())
@@ -43,8 +52,8 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 pub fn one_line(m: &Measurement, ok: bool) -> String {
     format!(
-        "{} size {} x{} room(s) ({} participants): fwd {:.0} pkt/s, server {:.3} cores = {} µs/pkt ({} pkt per CPU-s), loss {:.2} %, delay p50/p99 {}/{} ms, join p50/p99 {}/{} ms, media in over TCP {:.0} %, generator {:.2} cores, bottleneck {}: {}",
-        m.scenario,
+        "{} size {} x{} room(s) ({} participants): fwd {:.0} pkt/s, server {:.3} cores = {} µs/pkt ({} pkt per CPU-s), loss {:.2} %, delay p50/p99 {}/{} ms, join p50/p99 {}/{} ms (p50 of each step: {}), media in over TCP {:.0} %, generator {:.2} cores, bottleneck {}: {}",
+        label(m),
         m.size,
         m.rooms,
         m.participants,
@@ -57,6 +66,11 @@ pub fn one_line(m: &Measurement, ok: bool) -> String {
         opt(m.delay_p99_ms, 1),
         opt(m.join_p50_ms, 0),
         opt(m.join_p99_ms, 0),
+        m.join_phases_p50_ms
+            .iter()
+            .map(|(n, v)| format!("{n} {}", opt(*v, 0)))
+            .collect::<Vec<_>>()
+            .join(", "),
         m.tcp_share * 100.0,
         m.generator_cpu_cores,
         m.bottleneck,
@@ -119,8 +133,8 @@ impl Report {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "{:<11} {:>3} {:>5} {:>10} {:>9} {:>10} {:>9} {:>8} {:>8} {:>7} {:>13} {:>13} {:>9} {:>7}",
-            "scenario", "wkr", "held", "fwd pkt/s", "µs/pkt", "pkt/CPU-s", "×relay", "×LiveKit",
+            "{:<17} {:>3} {:>5} {:>10} {:>9} {:>10} {:>10} {:>9} {:>8} {:>8} {:>7} {:>13} {:>13} {:>9} {:>7}",
+            "scenario", "wkr", "held", "fwd pkt/s", "µs/pkt", "pkt/CPU-s", "rx/CPU-s", "×relay", "×LiveKit",
             "KiB/part", "loss %", "delay p50/99", "join p50/99", "gen cores", "limit"
         );
         for e in &self.entries {
@@ -128,13 +142,14 @@ impl Report {
             let Some(m) = m else { continue };
             let _ = writeln!(
                 t,
-                "{:<11} {:>3} {:>5} {:>10.0} {:>9} {:>10} {:>9} {:>8} {:>8} {:>7.2} {:>13} {:>13} {:>9.2} {:>7}",
-                m.scenario,
+                "{:<17} {:>3} {:>5} {:>10.0} {:>9} {:>10} {:>10} {:>9} {:>8} {:>8} {:>7.2} {:>13} {:>13} {:>9.2} {:>7}",
+                label(m),
                 e.workers.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
                 e.held.as_ref().map(|h| h.size.to_string()).unwrap_or_else(|| "none".into()),
                 m.forwarded_pps,
                 opt(m.server_us_per_forwarded, 2),
                 opt(m.forwarded_per_cpu_second, 0),
+                opt(m.received_per_cpu_second, 0),
                 opt(e.ratio_to_baseline, 2),
                 opt(e.vs_livekit, 2),
                 opt(m.server_kib_per_participant, 0),
@@ -144,6 +159,29 @@ impl Report {
                 m.generator_cpu_cores,
                 m.bottleneck,
             );
+        }
+        // Side by side: the same scenario and size against Moselle and Janus.
+        for e in &self.entries {
+            let Some(j) = e.held.as_ref().or(e.steps.last()) else {
+                continue;
+            };
+            if j.target != "janus" {
+                continue;
+            }
+            let ours = self
+                .entries
+                .iter()
+                .filter_map(|o| o.held.as_ref().or(o.steps.last()))
+                .find(|m| m.target == "moselle" && m.scenario == j.scenario && m.size == j.size);
+            if let (Some(m), Some(jr)) = (ours, j.received_per_cpu_second) {
+                if let Some(mr) = m.received_per_cpu_second {
+                    let _ = writeln!(
+                        t,
+                        "{} of {}: packets received per server CPU-second, Moselle {:.0}, Janus {:.0}: Moselle {:.2}x",
+                        j.scenario, j.size, mr, jr, mr / jr
+                    );
+                }
+            }
         }
         t
     }

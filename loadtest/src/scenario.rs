@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::client::{self, Ctx, Plan};
 use crate::server::{Sample, Server};
-use crate::stats::Stats;
+use crate::stats::{JoinPhase, Stats};
 use moselle::metrics::process_usage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -76,6 +76,24 @@ impl Kind {
     }
 }
 
+/// The SFU under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    Moselle,
+    /// Janus VideoRoom (Debian `janus`), side by side: see `janus.rs`.
+    Janus,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Moselle => "moselle",
+            Target::Janus => "janus",
+        }
+    }
+}
+
 /// How a run is set up.
 #[derive(Debug, Clone)]
 pub struct RunOpts {
@@ -93,6 +111,7 @@ pub struct RunOpts {
 /// What one run measured.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Measurement {
+    pub target: String,
     pub scenario: String,
     pub size: usize,
     pub rooms: usize,
@@ -119,6 +138,11 @@ pub struct Measurement {
     pub delay_p99_ms: Option<f64>,
     pub join_p50_ms: Option<f64>,
     pub join_p99_ms: Option<f64>,
+    /// Packets the clients received per server CPU-second: the figure
+    /// that compares servers whatever they count.
+    pub received_per_cpu_second: Option<f64>,
+    /// Median token to each step of those joins (`JoinPhase::NAMES`).
+    pub join_phases_p50_ms: Vec<(String, Option<f64>)>,
     pub send_late_fraction: f64,
     /// Datagrams the server's socket would not take during the window.
     pub server_send_drops: u64,
@@ -129,6 +153,7 @@ pub struct Measurement {
 }
 
 pub struct Runner {
+    pub target: Target,
     pub server: Server,
     pub ctx: Arc<Ctx>,
     pub cores: usize,
@@ -152,15 +177,28 @@ impl Runner {
             .media_since
             .store(0, std::sync::atomic::Ordering::Relaxed);
         s.join_us.reset();
+        for h in &s.join_phase_us {
+            h.reset();
+        }
         let mut tasks = Vec::new();
         let gap = Duration::from_secs_f64(1.0 / opts.join_rate.max(0.1));
         let n = plans.len();
+        if self.target == Target::Janus {
+            for r in 0..opts.rooms {
+                crate::janus::create_room(&self.ctx.url, &format!("{room}-r{r}")).await?;
+            }
+        }
         for plan in plans {
             let ctx = self.ctx.clone();
             let stop = stop_rx.clone();
+            let target = self.target;
             tasks.push(tokio::spawn(async move {
                 let who = plan.identity.clone();
-                if let Err(e) = client::run(ctx.clone(), plan, stop).await {
+                let r = match target {
+                    Target::Moselle => client::run(ctx.clone(), plan, stop).await,
+                    Target::Janus => crate::janus::run(ctx.clone(), plan, stop).await,
+                };
+                if let Err(e) = r {
                     Stats::add(&ctx.stats.join_failures, 1);
                     tracing::warn!(participant = %who, error = %format!("{e:#}"), "participant failed");
                 }
@@ -226,10 +264,15 @@ impl Runner {
         gen_cpu: f64,
     ) -> Measurement {
         let s = &self.ctx.stats;
-        let fwd = sb.forwarded.saturating_sub(sa.forwarded) as f64;
         let cpu = (sb.cpu_s - sa.cpu_s).max(0.0);
         let sent = (b.sent - a.sent) as f64;
         let recv = (b.recv - a.recv) as f64;
+        // Janus counts nothing for us: what it forwarded is what arrived.
+        let fwd = if self.server.janus {
+            recv
+        } else {
+            sb.forwarded.saturating_sub(sa.forwarded) as f64
+        };
         let expected = (b.expected - a.expected) as f64;
         let late = (b.late - a.late) as f64;
         let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
@@ -245,6 +288,7 @@ impl Runner {
         };
         let mem = sb.rss_bytes.saturating_sub(idle.rss_bytes) as f64;
         Measurement {
+            target: self.target.name().into(),
             scenario: opts.kind.name().into(),
             size: opts.size,
             rooms: opts.rooms,
@@ -267,6 +311,7 @@ impl Runner {
             server_us_per_forwarded: (fwd > 0.0 && bottleneck != "generator")
                 .then(|| cpu * 1e6 / fwd),
             forwarded_per_cpu_second: (cpu > 0.0 && bottleneck != "generator").then(|| fwd / cpu),
+            received_per_cpu_second: (cpu > 0.0 && bottleneck != "generator").then(|| recv / cpu),
             server_rss_mib: sb.rss_bytes as f64 / (1024.0 * 1024.0),
             server_kib_per_participant: (n > 0 && sb.rss_bytes > 0)
                 .then(|| mem / 1024.0 / n as f64),
@@ -281,6 +326,11 @@ impl Runner {
             delay_p99_ms: ms(s.delay_us.quantile(0.99)),
             join_p50_ms: ms(s.join_us.quantile(0.50)),
             join_p99_ms: ms(s.join_us.quantile(0.99)),
+            join_phases_p50_ms: JoinPhase::NAMES
+                .iter()
+                .zip(&s.join_phase_us)
+                .map(|(n, h)| (n.to_string(), ms(h.quantile(0.50))))
+                .collect(),
             send_late_fraction: late_fraction,
             server_send_drops: sb.send_drops.saturating_sub(sa.send_drops),
             tcp_share: {

@@ -16,6 +16,9 @@ pub struct Server {
     pub http_url: String,
     child: Option<Child>,
     pub log_path: Option<PathBuf>,
+    /// Which server: Janus has no /metrics (its forwarding is counted at
+    /// the receivers).
+    pub janus: bool,
 }
 
 /// What we read of the server at one instant.
@@ -73,6 +76,7 @@ impl Server {
             http_url: format!("http://{ip}:{http_port}"),
             child: Some(child),
             log_path: Some(log_path),
+            janus: false,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -106,7 +110,91 @@ impl Server {
             http_url,
             child: None,
             log_path: None,
+            janus: false,
         }
+    }
+
+    /// Start Janus (Debian `janus`) with only the VideoRoom plugin and the
+    /// WebSocket transport, ICE on `iface` (Janus ignores loopback: a veth
+    /// inside a namespace, see `loadtest/janus.sh`).
+    pub async fn start_janus(ip: IpAddr, iface: &str, out_dir: &Path) -> anyhow::Result<Self> {
+        const LIBS: &str = "/usr/lib/x86_64-linux-gnu/janus";
+        let dir = out_dir.join("janus");
+        for sub in ["conf", "plugins", "transports", "none"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("create {}", dir.join(sub).display()))?;
+        }
+        for (sub, lib) in [
+            ("plugins", "libjanus_videoroom.so"),
+            ("transports", "libjanus_websockets.so"),
+        ] {
+            let from = Path::new(LIBS).join(sub).join(lib);
+            if !from.is_file() {
+                bail!("{} not found: install Debian's janus", from.display());
+            }
+            let to = dir.join(sub).join(lib);
+            let _ = std::fs::remove_file(&to);
+            std::os::unix::fs::symlink(&from, &to)
+                .with_context(|| format!("link {}", to.display()))?;
+        }
+        let port = free_port(ip)?;
+        let d = dir.display();
+        let files = [
+            (
+                "janus.jcfg",
+                format!(
+                    "general: {{\n  configs_folder = \"{d}/conf\"\n  plugins_folder = \"{d}/plugins\"\n  \
+                     transports_folder = \"{d}/transports\"\n  events_folder = \"{d}/none\"\n  \
+                     loggers_folder = \"{d}/none\"\n  debug_level = 3\n}}\n\
+                     nat: {{\n  ice_enforce_list = \"{iface}\"\n}}\nmedia: {{\n}}\n"
+                ),
+            ),
+            (
+                "janus.transport.websockets.jcfg",
+                format!(
+                    "general: {{\n  ws = true\n  ws_port = {port}\n  ws_ip = \"{ip}\"\n}}\n\
+                     admin: {{\n  admin_ws = false\n}}\n"
+                ),
+            ),
+            ("janus.plugin.videoroom.jcfg", "general: {\n}\n".to_string()),
+        ];
+        for (name, text) in files {
+            std::fs::write(dir.join("conf").join(name), text)
+                .with_context(|| format!("write {name}"))?;
+        }
+        let log_path = out_dir.join("janus.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("create {}", log_path.display()))?;
+        let conf = dir.join("conf");
+        let child = Command::new("janus")
+            .arg("-F")
+            .arg(&conf)
+            .arg("-C")
+            .arg(conf.join("janus.jcfg"))
+            .args(["-o", "-i", &ip.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start janus (Debian package janus)")?;
+        let s = Server {
+            ws_url: format!("ws://{ip}:{port}"),
+            http_url: String::new(),
+            child: Some(child),
+            log_path: Some(log_path),
+            janus: true,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while tokio::net::TcpStream::connect((ip, port)).await.is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "Janus did not listen on {ip}:{port}; see {}",
+                    out_dir.join("janus.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(s)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -116,6 +204,17 @@ impl Server {
     /// Read CPU, memory and counters. A local server's CPU and memory come
     /// from /proc; a remote one's from its `process_*` metrics.
     pub async fn sample(&self) -> anyhow::Result<Sample> {
+        if self.janus {
+            let u = self
+                .pid()
+                .and_then(|p| process_usage(Some(p)))
+                .context("read Janus's /proc")?;
+            return Ok(Sample {
+                cpu_s: u.cpu_seconds,
+                rss_bytes: u.rss_bytes,
+                ..Default::default()
+            });
+        }
         let text = http::get(&format!("{}/metrics", self.http_url))
             .await
             .context("read /metrics")?;

@@ -105,6 +105,52 @@ pub struct Stats {
     pub delay_us: Histogram,
     /// Token to first media packet, microseconds.
     pub join_us: Histogram,
+    /// The same joins, token to each step on the way (see [`JoinPhase`]).
+    pub join_phase_us: [Histogram; JoinPhase::COUNT],
+}
+
+/// Steps of a join, in the order they usually come.
+#[derive(Debug, Clone, Copy)]
+pub enum JoinPhase {
+    /// The JoinResponse arrived.
+    Signal = 0,
+    /// The first answer was applied.
+    Answer,
+    /// The peer connection is connected (ICE and DTLS done).
+    Connected,
+    /// The server asked for receive m-lines (single PC) or offered the
+    /// subscriber connection (two PCs): it knows what to send.
+    Subscribe,
+}
+
+impl JoinPhase {
+    pub const COUNT: usize = 4;
+    pub const NAMES: [&'static str; Self::COUNT] = ["signal", "answer", "connected", "subscribe"];
+}
+
+/// One participant's join steps, microseconds after its token (0: not yet).
+#[derive(Default)]
+pub struct JoinSteps {
+    at: [AtomicU64; JoinPhase::COUNT],
+}
+
+impl JoinSteps {
+    /// The first time only.
+    pub fn mark(&self, phase: JoinPhase, since: u64) {
+        let v = now_us().saturating_sub(since).max(1);
+        let _ = self.at[phase as usize].compare_exchange(0, v, Relaxed, Relaxed);
+    }
+
+    /// Into the run's histograms (for the joins whose first media is
+    /// counted).
+    pub fn record(&self, into: &[Histogram; JoinPhase::COUNT]) {
+        for (a, h) in self.at.iter().zip(into) {
+            let v = a.load(Relaxed);
+            if v != 0 {
+                h.record(v);
+            }
+        }
+    }
 }
 
 impl Stats {

@@ -30,7 +30,9 @@ test('two people see and hear each other on the call page, mute shows, speaker s
       return !!(pub && pub.isSubscribed && pub.track && document.querySelector(`#tile-${other} audio`));
     }, other));
   }
-  assert.ok(await framesOver(alice, 'Bob', 1000) > 5, 'video keeps flowing');
+  // Two seconds: the first layer switch of a call waits for a keyframe.
+  const flowing = await framesOver(alice, 'Bob', 2000);
+  assert.ok(flowing > 10, `video keeps flowing: ${flowing} frames of Bob's video decoded by Alice in 2 s`);
 
   // Mute: Alice clicks "Mute microphone"; Bob's page marks her muted.
   await alice.page.click('#mic');
