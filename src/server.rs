@@ -263,14 +263,21 @@ pub async fn start(cfg: &Config) -> anyhow::Result<Running> {
         drain(&drain_media, drain_timeout).await;
     };
     let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    use axum::serve::ListenerExt;
     let server = match tls {
-        None => tokio::spawn(async move {
-            axum::serve(listener, make)
-                .with_graceful_shutdown(stop)
-                .await
-        }),
+        // Signaling is small messages each way: without TCP_NODELAY an answer
+        // waited on the client's delayed ACK of the last one (~85 ms a join).
+        None => {
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                axum::serve(listener, make)
+                    .with_graceful_shutdown(stop)
+                    .await
+            })
+        }
         Some(slot) => {
-            use axum::serve::ListenerExt;
             // `tap_io` only so axum hands handlers the peer address.
             let tls = crate::tls::TlsListener::new(listener, slot)?.tap_io(|_| {});
             tokio::spawn(async move { axum::serve(tls, make).with_graceful_shutdown(stop).await })

@@ -508,6 +508,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                         Ok(sdp) => {
                             in_flight = true;
                             let _ = req_tx.send(Req::Offer(sdp_msg("offer", sdp)));
+                            join_steps.mark(JoinPhase::Offer, joined_at);
                         }
                         Err(e) => tracing::warn!(error = %e, "offer failed"),
                     }
@@ -548,12 +549,13 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
                     }
                 }
                 Resp::Answer(a) => {
+                    // The server's part ends here; applying it is the client's.
+                    join_steps.mark(JoinPhase::Answer, joined_at);
                     let r = match RTCSessionDescription::answer(a.sdp.clone()) {
                         Ok(d) => off_pc.set_remote_description(d).await,
                         Err(e) => Err(e),
                     };
                     if r.is_ok() {
-                        join_steps.mark(JoinPhase::Answer, joined_at);
                         if let Err(e) = dial_tcp_candidates(&off_pc, &off_dialled, &a.sdp).await {
                             tracing::warn!(error = %e, "TCP candidates refused");
                         }

@@ -54,7 +54,7 @@ impl Session {
         let mut req = url.into_client_request()?;
         req.headers_mut()
             .insert("Sec-WebSocket-Protocol", "janus-protocol".parse()?);
-        let (ws, _) = tokio_tungstenite::connect_async(req)
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
             .await
             .with_context(|| format!("WebSocket connect to Janus at {url}"))?;
         let (mut sink, mut stream) = ws.split();
@@ -240,6 +240,7 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
         let mut pc = client::new_pc(&ctx, joined_at, first_media.clone(), steps.clone()).await?;
         let pending = client::add_senders(&plan, &pc.pc).await?;
         let offer = client::offer(&pc.pc, &pc.gathered).await?;
+        steps.mark(JoinPhase::Offer, joined_at);
         let r = s
             .message(
                 pub_h,
@@ -323,13 +324,19 @@ pub async fn run(ctx: Arc<Ctx>, plan: Plan, mut stop: watch::Receiver<bool>) -> 
     Ok(())
 }
 
-/// The simulcast layer Moselle would pick for this view (the same rule).
+/// The Janus substream for the simulcast layer Moselle would pick for this
+/// view (the same rule). Janus takes the offer's rids as highest first
+/// (meetecho/janus-gateway#2385); ours are lowest first (q, h, f, as
+/// livekit-client lists them), so its substream N is our layer 2 - N.
 fn substream_for(view: (u32, u32)) -> u8 {
     let layers: Vec<(u32, u32)> = LAYERS_720P.iter().map(|l| (l.width, l.height)).collect();
-    if view.0 == 0 && view.1 == 0 {
-        return (layers.len() - 1) as u8;
-    }
-    moselle::media::forward::layer_for_size(&layers, view.0, view.1)
+    let top = (layers.len() - 1) as u8;
+    let ours = if view.0 == 0 && view.1 == 0 {
+        top
+    } else {
+        moselle::media::forward::layer_for_size(&layers, view.0, view.1)
+    };
+    top - ours.min(top)
 }
 
 /// One multistream subscriber connection: Janus offers, we answer.
@@ -412,8 +419,10 @@ mod tests {
 
     #[test]
     fn views_pick_the_layer_moselle_would() {
-        assert_eq!(substream_for((0, 0)), 2);
-        assert_eq!(substream_for((1280, 720)), 2);
-        assert_eq!(substream_for((320, 180)), 0);
+        // Janus counts our rids from the top: substream 0 is our 1280x720.
+        assert_eq!(substream_for((0, 0)), 0);
+        assert_eq!(substream_for((1280, 720)), 0);
+        assert_eq!(substream_for((640, 360)), 1);
+        assert_eq!(substream_for((320, 180)), 2);
     }
 }

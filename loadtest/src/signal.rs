@@ -49,7 +49,8 @@ pub async fn connect(
             "{base}/rtc?access_token={token}&protocol={PROTOCOL}&auto_subscribe=1&adaptive_stream=0&sdk=rust&version=moselle-loadtest"
         )
     };
-    let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    // TCP_NODELAY, as browsers set it on every socket.
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
         .await
         .with_context(|| format!("WebSocket connect to {base}/rtc"))?;
     let (mut sink, mut stream) = ws.split();

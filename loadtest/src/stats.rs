@@ -114,7 +114,9 @@ pub struct Stats {
 pub enum JoinPhase {
     /// The JoinResponse arrived.
     Signal = 0,
-    /// The first answer was applied.
+    /// The first offer went out (the client's own work before it).
+    Offer,
+    /// The first answer arrived (single PC) or was sent (two PCs).
     Answer,
     /// The peer connection is connected (ICE and DTLS done).
     Connected,
@@ -124,8 +126,9 @@ pub enum JoinPhase {
 }
 
 impl JoinPhase {
-    pub const COUNT: usize = 4;
-    pub const NAMES: [&'static str; Self::COUNT] = ["signal", "answer", "connected", "subscribe"];
+    pub const COUNT: usize = 5;
+    pub const NAMES: [&'static str; Self::COUNT] =
+        ["signal", "offer", "answer", "connected", "subscribe"];
 }
 
 /// One participant's join steps, microseconds after its token (0: not yet).
